@@ -1,0 +1,120 @@
+"""Run configuration: one pydantic model per stage, composed into `RunConfig`.
+
+Fields that map onto TRL keep TRL's names (`beta`, `learning_rate`, `max_length`). Unknown keys are
+rejected everywhere (`extra="forbid"`) so a typo in a YAML file fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(_Strict):
+    """How judgments are drawn (Prometheus defaults: temperature 1.0, top_p 0.9)."""
+
+    n: int = Field(4, ge=1, le=64, description="Judgments sampled per item.")
+    temperature: float = Field(1.0, gt=0.0, le=2.0, description="Softmax temperature (paper: ~1).")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(256, ge=8, le=4096, description="Budget for the rationale, in tokens.")
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, description="1.0 = off (Prometheus uses 1.03).")
+    seed: int = Field(0, description="Base seed; each judgment's seed derives from it, item and sample index.")
+    backend: Literal["transformers", "vllm", "fake"] = Field(
+        "transformers", description="transformers (CPU/GPU), vllm (GPU), fake (tests)."
+    )
+    batch_size: int = Field(8, ge=1, le=512, description="Prompts per generation batch (each expands to n rows).")
+    force_score: bool | None = Field(
+        None,
+        description="Close a rationale without a valid score with ' [RESULT] ' and draw the score from the "
+        "model's 1-5 distribution. None = on for `model: embedded`, off otherwise.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available.")
+
+
+class CurationConfig(_Strict):
+    """How preference pairs are built from sampled judgments."""
+
+    strategy: Literal["gold"] = Field("gold", description="gold: chosen matches the gold score.")
+    min_margin: int = Field(1, ge=1, le=4, description="Minimum |score_rejected - gold| (paper: 2 beat 1).")
+    max_pairs_per_item: int = Field(2, ge=1, le=64, description="Cap on pairs per item.")
+    use_forced: bool = Field(True, description="Allow judgments whose score was forced.")
+
+
+class TrainingConfig(_Strict):
+    """DPO on the curated pairs (TRL DPOTrainer)."""
+
+    beta: float = Field(0.1, gt=0.0, description="DPO beta (TRL default 0.1).")
+    learning_rate: float = Field(5e-6, gt=0.0, description="AdamW learning rate.")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the pairs.")
+    batch_size: int = Field(4, ge=1, description="Pairs per device step.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=32, description="Prompt + completion tokens; longer pairs are truncated.")
+    lora: bool = Field(False, description="Train LoRA adapters (peft) and merge them into the checkpoint.")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    reference: Literal["previous", "seed"] = Field(
+        "previous", description="DPO reference model: the previous iteration's judge, or the seed."
+    )
+    seed: int = Field(0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = fp32 on CPU (bf16 is ~10x slower on AVX2 CPUs), bf16 on GPU."
+    )
+
+
+class RunConfig(_Strict):
+    """A self-rationalization run: seed evaluation, then K x (sample, curate, train, evaluate)."""
+
+    model: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), a local checkpoint dir or a hub id.")
+    train_dataset: str = Field(..., description="Name of an imported dataset; its train split is sampled.")
+    eval_datasets: list[str] = Field(default_factory=list, description="Imported datasets; their eval split is evaluated.")
+    iterations: int = Field(1, ge=1, le=20)
+    max_train_items: int | None = Field(None, ge=1, description="Use only the first N train items (by id).")
+    max_eval_items: int | None = Field(None, ge=1, description="Use only the first N items per eval dataset.")
+    eval_split: Literal["eval", "train", "all"] = Field("eval")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    curation: CurationConfig = Field(default_factory=CurationConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="after")
+    def _defaults_that_depend_on_model(self) -> "RunConfig":
+        if self.sampling.force_score is None:
+            self.sampling.force_score = self.model == "embedded"
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and each bad field."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: config must be a mapping of keys to values")
+    return parse_run_config(raw, str(path))
+
+
+def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
