@@ -68,22 +68,34 @@ class TrainingConfig(_Strict):
     )
 
 
+class EvaluationConfig(_Strict):
+    """How each iteration's judge is evaluated on the eval datasets."""
+
+    n: int = Field(1, ge=1, le=16, description="Judgments per item; the prediction is their mean score.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (deterministic evaluation).")
+    max_new_tokens: int | None = Field(None, ge=8, le=4096, description="None = sampling.max_new_tokens.")
+    seed: int = Field(1234)
+
+
 class RunConfig(_Strict):
     """A self-rationalization run: seed evaluation, then K x (sample, curate, train, evaluate)."""
 
     model: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), a local checkpoint dir or a hub id.")
-    train_dataset: str = Field(..., description="Name of an imported dataset; its train split is sampled.")
+    train_dataset: str | None = Field(None, description="Name of an imported dataset; its train split is sampled.")
     eval_datasets: list[str] = Field(default_factory=list, description="Imported datasets; their eval split is evaluated.")
-    iterations: int = Field(1, ge=1, le=20)
+    iterations: int = Field(1, ge=0, le=20, description="Self-rationalization iterations after the seed (0 = evaluate only).")
     max_train_items: int | None = Field(None, ge=1, description="Use only the first N train items (by id).")
     max_eval_items: int | None = Field(None, ge=1, description="Use only the first N items per eval dataset.")
     eval_split: Literal["eval", "train", "all"] = Field("eval")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @model_validator(mode="after")
     def _defaults_that_depend_on_model(self) -> "RunConfig":
+        if self.iterations > 0 and not self.train_dataset:
+            raise ValueError("train_dataset is required when iterations > 0")
         if self.sampling.force_score is None:
             self.sampling.force_score = self.model == "embedded"
         return self

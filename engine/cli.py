@@ -1,0 +1,298 @@
+"""`selfrat`: every step the app can start, as a command.
+
+    selfrat import data.jsonl --dataset mydata --preset feedback-collection
+    selfrat run config.yaml --run-id first
+    selfrat status first --json
+    selfrat export first --iteration 1 --out pairs/
+    selfrat demo
+
+Each command validates its input, calls one engine function and returns an exit code (0 ok, 2 bad input,
+130 cancelled). Heavy libraries (torch, TRL) are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Self-rationalizing LLM judges: import, sample, curate, train (DPO), evaluate.")
+
+WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", envvar="SELFRAT_HOME",
+                                                      help="Workspace dir (default $SELFRAT_HOME, else ./.selfrat).")]
+_state: dict = {}
+
+
+@app.callback()
+def _main(workspace: WorkspaceOpt = None) -> None:
+    _state["workspace"] = workspace
+
+
+def _ws():
+    from engine.workspace import Workspace
+
+    return Workspace.open(_state.get("workspace"))
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _user_errors():
+    from engine.config import ConfigError
+    from engine.importers import ImportFailed
+    from store import StoreBusy, StoreError
+
+    return (ConfigError, ImportFailed, StoreError, StoreBusy, FileNotFoundError, ValueError)
+
+
+def _guard(fn):
+    """Run a command body, turning expected failures into a one-line error and exit code."""
+    from engine.iteration import Cancelled
+
+    try:
+        return fn()
+    except Cancelled:
+        typer.echo("cancelled", err=True)
+        raise typer.Exit(130)
+    except _user_errors() as e:
+        _fail(str(e))
+
+
+def _parse_map(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            _fail(f"--map expects TARGET=SOURCE, got {p!r}")
+        target, source = p.split("=", 1)
+        out[target.strip()] = source.strip()
+    return out
+
+
+# ------------------------------------------------------------------ data
+
+
+@app.command("import")
+def import_(
+    path: Annotated[str, typer.Argument(help="JSONL/JSON/CSV/TSV/Parquet file, HF dataset dir, or hub id.")],
+    dataset: Annotated[str, typer.Option(help="Name to import into.")],
+    preset: Annotated[Optional[str], typer.Option(help="feedback-collection | prometheus-prompt | "
+                                                       "prometheus-pairwise | cia | pairwise")] = None,
+    map_: Annotated[list[str], typer.Option("--map", help="TARGET=SOURCE column mapping (repeatable).")] = [],
+    split: Annotated[Optional[str], typer.Option(help="train | eval for every row.")] = None,
+    label_a: Annotated[Optional[str], typer.Option(help="Label value meaning response A wins.")] = None,
+    label_b: Annotated[Optional[str], typer.Option(help="Label value meaning response B wins.")] = None,
+    label_tie: Annotated[Optional[str], typer.Option(help="Label value meaning a tie.")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Import the valid rows and list the skipped ones.")] = False,
+) -> None:
+    """Import rubric-graded (absolute) or preference (pairwise) data into a dataset."""
+    if split not in (None, "train", "eval"):
+        _fail(f"--split must be train or eval, got {split!r}")
+
+    def body():
+        from engine.importers import read_items
+
+        result = read_items(path, dataset=dataset, preset=preset, mapping=_parse_map(map_), split=split,
+                            label_a=label_a, label_b=label_b, label_tie=label_tie, skip_invalid=skip_invalid)
+        counts = _ws().store().import_items(
+            dataset, result.kind, result.items, source=str(path), preset=preset, source_rows=result.source_rows,
+            skipped=[{"row": e.row, "reason": e.reason} for e in result.skipped],
+        )
+        for e in result.skipped:
+            typer.echo(f"skipped row {e.row}: {e.reason}", err=True)
+        typer.echo(f"{dataset}: {counts['inserted']} items imported, {counts['existing']} already present,"
+                   f" {len(result.skipped)} rows skipped ({result.kind}, {result.source_rows} source rows)")
+    _guard(body)
+
+
+@app.command()
+def datasets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List imported datasets with item counts per split."""
+    frame = _ws().store().datasets()
+    if as_json:
+        typer.echo(json.dumps({"datasets": frame.drop("created_at").to_dicts()}))
+    elif frame.height == 0:
+        typer.echo("no datasets yet: `selfrat import PATH --dataset NAME`")
+    else:
+        for r in frame.iter_rows(named=True):
+            typer.echo(f"{r['name']:<24} {r['kind']:<9} {r['items']:>7} items  train {r['train']:>6}  eval {r['eval']:>6}")
+
+
+# ------------------------------------------------------------------ runs
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    run_id: Annotated[Optional[str], typer.Option("--run-id")] = None,
+) -> None:
+    """Run seed evaluation, then K iterations of sample -> curate -> train -> evaluate."""
+    def body():
+        from engine.config import load_run_config
+        from engine.iteration import Runner, create_run
+
+        ws = _ws()
+        rid = create_run(ws, load_run_config(config), run_id)
+        typer.echo(f"run {rid}")
+        Runner(ws, rid).run_all()
+        _print_status(ws.store().run_status(rid))
+    _guard(body)
+
+
+@app.command()
+def resume(run_id: str) -> None:
+    """Continue a stopped or failed run from where its stored rows end."""
+    def body():
+        from engine.iteration import Runner
+
+        ws = _ws()
+        Runner(ws, run_id).run_all()
+        _print_status(ws.store().run_status(run_id))
+    _guard(body)
+
+
+def _stage_command(stage: str):
+    def command(
+        run_id: Annotated[str, typer.Option("--run", help="Run id.")],
+        iteration: Annotated[int, typer.Option(help="Iteration (1..K; evaluate also takes 0).")],
+    ) -> None:
+        def body():
+            from engine.iteration import Runner
+
+            runner = Runner(_ws(), run_id)
+            runner._install_signal_handlers()
+            result = getattr(runner, stage)(iteration)
+            if result:
+                typer.echo(json.dumps(result, indent=2, default=str))
+        _guard(body)
+    command.__doc__ = f"Run the {stage} stage of one iteration of a run (a no-op when it is done)."
+    return command
+
+
+for _stage in ("sample", "curate", "train"):
+    app.command(_stage)(_stage_command(_stage))
+
+
+@app.command()
+def evaluate(
+    run_id: Annotated[Optional[str], typer.Option("--run", help="Evaluate an iteration of this run.")] = None,
+    iteration: Annotated[Optional[int], typer.Option(help="With --run: the iteration (0 = seed).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Standalone: 'embedded', a checkpoint dir or hub id.")] = None,
+    dataset: Annotated[list[str], typer.Option(help="Standalone: dataset(s) to evaluate on.")] = [],
+    split: Annotated[str, typer.Option(help="eval | train | all")] = "eval",
+    max_items: Annotated[Optional[int], typer.Option(help="First N items per dataset.")] = None,
+    backend: Annotated[str, typer.Option(help="transformers | vllm")] = "transformers",
+    max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 256,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Evaluate a judge: an iteration of a run, or any model on datasets (standalone)."""
+    def body():
+        from engine.iteration import Runner, create_run
+
+        ws = _ws()
+        if run_id is not None:
+            if iteration is None:
+                _fail("--run needs --iteration")
+            metrics = Runner(ws, run_id).evaluate(iteration)
+        else:
+            if not model or not dataset:
+                _fail("standalone evaluate needs --model and --dataset (or --run and --iteration)")
+            from engine.config import parse_run_config
+
+            cfg = parse_run_config({
+                "model": model, "eval_datasets": dataset, "iterations": 0, "eval_split": split,
+                "max_eval_items": max_items,
+                "sampling": {"backend": backend, "max_new_tokens": max_new_tokens},
+            }, "evaluate options")
+            rid = create_run(ws, cfg, kind="evaluate")
+            runner = Runner(ws, rid, echo=not as_json)
+            runner.run_all()
+            metrics = ws.store().run_status(rid)["iterations"][0]["metrics"]
+        if as_json:
+            typer.echo(json.dumps(metrics))
+        else:
+            for name, values in metrics.items():
+                typer.echo(f"{name}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+    _guard(body)
+
+
+@app.command()
+def status(
+    run_id: Annotated[Optional[str], typer.Argument(help="A run id; all runs when omitted.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Progress and metrics of runs (safe to call while a run is writing)."""
+    def body():
+        store = _ws().store()
+        if run_id:
+            data = store.run_status(run_id)
+            typer.echo(json.dumps(data)) if as_json else _print_status(data)
+        else:
+            data = store.all_status()
+            if as_json:
+                typer.echo(json.dumps(data))
+            elif not data["runs"]:
+                typer.echo("no runs yet")
+            for r in data["runs"] if not as_json else []:
+                _print_status(r)
+    _guard(body)
+
+
+def _fmt(v) -> str:
+    return "nan" if v is None or v != v else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def _print_status(s: dict) -> None:
+    typer.echo(f"run {s['id']} [{s['kind']}] {s['status']}" + (f"  error: {s['error']}" if s.get("error") else ""))
+    for it in s["iterations"]:
+        stages = " ".join(f"{k}={v}" for k, v in it["stages"].items())
+        pairs = " ".join(f"{k}={v}" for k, v in it["pairs"].items() if v)
+        typer.echo(f"  iteration {it['index']}: judgments={it['judgments']} parsed={it['parsed']} {stages}"
+                   + (f" pairs: {pairs}" if pairs else ""))
+        for name, m in it["metrics"].items():
+            keys = [k for k in ("pearson", "spearman", "kendall", "exact", "within1", "accuracy",
+                                "parse_failure_rate") if k in m]
+            typer.echo(f"    {name}: " + "  ".join(f"{k}={_fmt(m[k])}" for k in keys))
+
+
+@app.command()
+def export(
+    run_id: Annotated[str, typer.Argument()],
+    iteration: Annotated[int, typer.Option()],
+    out: Annotated[Path, typer.Option(help="Output directory (HF dataset in out/dataset, plus out/pairs.jsonl).")],
+    include_rejected: Annotated[bool, typer.Option("--all", help="Also export pairs a human rejected.")] = False,
+) -> None:
+    """Export an iteration's pairs in TRL's preference format (conversational prompt/chosen/rejected)."""
+    def body():
+        from engine.export import export_pairs
+
+        n = export_pairs(_ws().store(), run_id, iteration, out, include_rejected=include_rejected)
+        typer.echo(f"exported {n} pairs to {out}")
+    _guard(body)
+
+
+@app.command()
+def demo(
+    items: Annotated[int, typer.Option(help="Training items to sample.")] = 32,
+    n: Annotated[int, typer.Option(help="Judgments per item.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 96,
+    run_id: Annotated[Optional[str], typer.Option("--run-id")] = None,
+) -> None:
+    """Import the demo dataset and run one iteration on the embedded judge, printing before/after."""
+    def body():
+        from engine.demo import run_demo
+
+        run_demo(_ws(), items=items, n=n, max_new_tokens=max_new_tokens, run_id=run_id, echo=typer.echo)
+    _guard(body)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

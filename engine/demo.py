@@ -1,0 +1,72 @@
+"""`selfrat demo`: the shipped demo dataset and one self-rationalization iteration on the embedded judge.
+
+The demo dataset (engine/data/demo.jsonl) was written for this project: graded responses to instructions
+under six rubrics, every instruction answered at each score 1-5, split by instruction into train and eval.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Callable
+
+from engine.config import parse_run_config
+from engine.workspace import Workspace
+
+DEMO_DATASET = "demo"
+HEADLINE = ("pearson", "spearman", "kendall", "exact", "within1", "parse_failure_rate")
+
+
+def demo_data_path() -> str:
+    return str(importlib.resources.files("engine") / "data" / "demo.jsonl")
+
+
+def ensure_demo_dataset(ws: Workspace) -> None:
+    """Import the demo dataset unless it is there already (a re-import would be a no-op anyway)."""
+    from engine.importers import read_items
+
+    store = ws.store()
+    if DEMO_DATASET in store.datasets()["name"].to_list():
+        return
+    result = read_items(demo_data_path(), dataset=DEMO_DATASET)
+    store.import_items(DEMO_DATASET, result.kind, result.items, source="engine/data/demo.jsonl", preset=None,
+                       source_rows=result.source_rows)
+
+
+def demo_config(items: int = 32, n: int = 4, max_new_tokens: int = 96) -> dict:
+    return {
+        "model": "embedded",
+        "train_dataset": DEMO_DATASET,
+        "eval_datasets": [DEMO_DATASET],
+        "iterations": 1,
+        "max_train_items": items,
+        "sampling": {"n": n, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": max_new_tokens, "batch_size": 8},
+        "curation": {"strategy": "gold", "min_margin": 1, "max_pairs_per_item": 2},
+        "training": {"beta": 0.1, "learning_rate": 1e-5, "epochs": 1, "batch_size": 4, "max_length": 768},
+    }
+
+
+def run_demo(ws: Workspace, *, items: int = 32, n: int = 4, max_new_tokens: int = 96, run_id: str | None = None,
+             echo: Callable[[str], None] = print) -> dict:
+    from engine.iteration import Runner, create_run
+
+    ensure_demo_dataset(ws)
+    cfg = parse_run_config(demo_config(items, n, max_new_tokens), "demo config")
+    rid = create_run(ws, cfg, run_id or ws.new_run_id("demo"))
+    echo(f"demo run {rid}: {items} training items x {n} judgments, 1 iteration, embedded SmolLM2-135M-Instruct")
+    status = Runner(ws, rid).run_all()
+    echo(before_after_table(status))
+    return status
+
+
+def before_after_table(status: dict) -> str:
+    iters = status["iterations"]
+    lines = [f"{'dataset':<10} {'metric':<20} " + " ".join(f"{'iter ' + str(it['index']):>9}" for it in iters)]
+    datasets = sorted({d for it in iters for d in it["metrics"]})
+    for d in datasets:
+        for m in HEADLINE:
+            vals = [it["metrics"].get(d, {}).get(m) for it in iters]
+            cells = " ".join(f"{'nan' if v is None or v != v else f'{v:.3f}':>9}" for v in vals)
+            lines.append(f"{d:<10} {m:<20} {cells}")
+    parsed = [f"{it['parsed']}/{it['judgments']}" for it in iters]
+    lines.append(f"{'':<10} {'parsed judgments':<20} " + " ".join(f"{p:>9}" for p in parsed))
+    return "\n".join(lines)

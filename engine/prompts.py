@@ -1,0 +1,245 @@
+"""Judge prompts: the Prometheus-2 templates, rubrics, and the judgment format the judge is trained to write.
+
+Absolute grading shows the judge one response and a five-level rubric and asks for
+``<rationale> [RESULT] <1-5>``; relative grading shows responses A and B and the rubric's criteria line and
+asks for ``<rationale> [RESULT] A|B``. The section headers follow Prometheus 2 (prometheus-eval) so that
+Feedback-Collection / Preference-Collection data and the public Prometheus checkpoints read the same prompts.
+
+Only text is built here: chat templates are applied by the sampler (``tokenizer.apply_chat_template``), and
+judgments are read back by ``engine.parsing.parse_judgment``.
+
+    >>> item = {"instruction": "Say hi.", "response": "Hi!", "reference": None, "criteria": None}
+    >>> messages = absolute_messages(item)          # system + user, DEFAULT_RUBRIC since the item has none
+    >>> format_judgment("Polite and complete. ", 5)
+    'Polite and complete. [RESULT] 5'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = (
+    "You are a fair judge assistant tasked with providing clear, objective feedback based on specific "
+    "criteria, ensuring each assessment reflects the absolute standards set for performance."
+)
+RESULT_MARKER = "[RESULT]"
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """One criteria sentence plus the descriptions of scores 1..5 (``descriptions[0]`` is score 1)."""
+
+    criteria: str
+    descriptions: tuple[str, str, str, str, str]
+
+    def __post_init__(self) -> None:
+        # A rubric with four or six levels would silently shift every score the judge writes.
+        if len(self.descriptions) != 5:
+            raise ValueError(f"a rubric needs exactly 5 score descriptions, got {len(self.descriptions)}")
+
+    def render(self) -> str:
+        """The "###Score Rubrics:" block: ``[criteria]`` then one ``Score k: ...`` line per level."""
+        lines = [f"[{self.criteria}]"]
+        lines += [f"Score {k}: {d}" for k, d in enumerate(self.descriptions, start=1)]
+        return "\n".join(lines)
+
+
+# Used for pairwise data that carries no rubric (RewardBench, HHH): a generic helpfulness/quality scale.
+DEFAULT_RUBRIC = Rubric(
+    criteria=(
+        "Is the response helpful, correct and relevant to the instruction, addressing what the user asked "
+        "for completely and clearly?"
+    ),
+    descriptions=(
+        "The response is irrelevant, incorrect or harmful, or does not address the instruction at all.",
+        "The response addresses the instruction only partially, with major errors, omissions or confusion "
+        "that leave it of little use.",
+        "The response addresses the main request but has noticeable errors, gaps or unclear parts; it is "
+        "somewhat useful.",
+        "The response is correct and helpful, addressing the instruction well with only minor errors or "
+        "omissions.",
+        "The response addresses the instruction fully and correctly; it is clear, well organized and as "
+        "helpful as it could be, with no meaningful errors.",
+    ),
+)
+
+# --- Templates ------------------------------------------------------------------------------------------
+# Placeholders: {instruction}, {response} / {response_a}, {response_b}, {reference}, {rubric} (absolute: the
+# full rendered rubric; relative: the criteria line only). Values are substituted with str.format, which
+# does not re-read braces inside the values, so instructions containing code are safe.
+
+_ABSOLUTE_TASK = """###Task Description:
+An instruction (might include an Input inside it), a response to evaluate, {given}, and a score rubric representing an evaluation criteria are given.
+1. Write a detailed feedback that assesses the quality of the response strictly based on the given score rubric, not evaluating in general.
+2. After writing a feedback, write a score that is an integer between 1 and 5. You should refer to the score rubric.
+3. The output format should look as follows: "Feedback: (write a feedback for criteria) [RESULT] (an integer number between 1 and 5)"
+4. Please do not generate any other opening, closing, and explanations.
+"""
+
+ABSOLUTE_TEMPLATE = (
+    _ABSOLUTE_TASK.replace("{given}", "a reference answer that gets a score of 5")
+    + """
+###The instruction to evaluate:
+{instruction}
+
+###Response to evaluate:
+{response}
+
+###Reference Answer (Score 5):
+{reference}
+
+###Score Rubrics:
+{rubric}
+
+###Feedback: """
+)
+
+ABSOLUTE_TEMPLATE_NO_REF = (
+    # The task text must not promise a reference answer that the prompt then lacks.
+    _ABSOLUTE_TASK.replace(", {given},", ",")
+    + """
+###The instruction to evaluate:
+{instruction}
+
+###Response to evaluate:
+{response}
+
+###Score Rubrics:
+{rubric}
+
+###Feedback: """
+)
+
+_RELATIVE_TASK = """###Task Description:
+An instruction (might include an Input inside it), two responses to evaluate (denoted as Response A and Response B), {given}, and an evaluation criteria are given.
+1. Write a detailed feedback that assesses the quality of the two responses strictly based on the given evaluation criteria, not evaluating in general.
+2. Make comparisons between Response A and Response B. Instead of examining them separately, go straight to the point and mention the commonalities and differences between them.
+3. After writing the feedback, indicate the better response, either "A" or "B".
+4. The output format should look as follows: "Feedback: (write a feedback for criteria) [RESULT] (Either "A" or "B")"
+5. Please do not generate any other opening, closing, and explanations.
+"""
+
+RELATIVE_TEMPLATE = (
+    _RELATIVE_TASK.replace("{given}", "a reference answer")
+    + """
+###Instruction:
+{instruction}
+
+###Response A:
+{response_a}
+
+###Response B:
+{response_b}
+
+###Reference Answer:
+{reference}
+
+###Score Rubric:
+{rubric}
+
+###Feedback: """
+)
+
+RELATIVE_TEMPLATE_NO_REF = (
+    _RELATIVE_TASK.replace(", {given},", ",")
+    + """
+###Instruction:
+{instruction}
+
+###Response A:
+{response_a}
+
+###Response B:
+{response_b}
+
+###Score Rubric:
+{rubric}
+
+###Feedback: """
+)
+
+
+def _has_reference(reference: object) -> bool:
+    # None, "" and whitespace count as "no reference"; so does a NaN that a pandas frame may hand us.
+    return isinstance(reference, str) and reference.strip() != ""
+
+
+def render_absolute(instruction: str, response: str, rubric: Rubric, reference: str | None = None) -> str:
+    """The user turn for grading one response on the 1-5 rubric; the reference section only if given."""
+    if _has_reference(reference):
+        return ABSOLUTE_TEMPLATE.format(
+            instruction=instruction, response=response, reference=reference, rubric=rubric.render()
+        )
+    return ABSOLUTE_TEMPLATE_NO_REF.format(instruction=instruction, response=response, rubric=rubric.render())
+
+
+def render_relative(
+    instruction: str, response_a: str, response_b: str, criteria: str, reference: str | None = None
+) -> str:
+    """The user turn for choosing between A and B; the rubric is the criteria line, in brackets."""
+    fields = dict(instruction=instruction, response_a=response_a, response_b=response_b, rubric=f"[{criteria}]")
+    if _has_reference(reference):
+        return RELATIVE_TEMPLATE.format(reference=reference, **fields)
+    return RELATIVE_TEMPLATE_NO_REF.format(**fields)
+
+
+_RUBRIC_KEYS = ("criteria", *(f"score{k}_description" for k in range(1, 6)))
+
+
+def rubric_from_item(item: Mapping) -> Rubric:
+    """The item's rubric (keys ``criteria``, ``score1_description`` .. ``score5_description``).
+
+    All six missing/None/empty -> ``DEFAULT_RUBRIC``. Some present and some missing raises ``ValueError``:
+    patching the gaps with default text would grade against a rubric nobody wrote.
+    """
+    values = [item.get(k) for k in _RUBRIC_KEYS]
+    present = [isinstance(v, str) and v.strip() != "" for v in values]
+    if not any(present):
+        return DEFAULT_RUBRIC
+    if not all(present):
+        missing = [k for k, ok in zip(_RUBRIC_KEYS, present) if not ok]
+        raise ValueError(f"incomplete rubric: missing {', '.join(missing)}")
+    return Rubric(criteria=values[0], descriptions=tuple(values[1:]))
+
+
+def _criteria_from_item(item: Mapping) -> str:
+    # Relative grading needs only the criteria line, so pairwise data with a criteria but no score
+    # descriptions (Preference-Collection) is fine here.
+    criteria = item.get("criteria")
+    return criteria if isinstance(criteria, str) and criteria.strip() else DEFAULT_RUBRIC.criteria
+
+
+def absolute_messages(item: Mapping, response_key: str = "response") -> list[dict]:
+    """System + user messages grading ``item[response_key]`` (e.g. "response_b" for the other side of a pair)."""
+    user = render_absolute(
+        item["instruction"], item[response_key], rubric_from_item(item), reference=item.get("reference")
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def relative_messages(item: Mapping) -> list[dict]:
+    """System + user messages comparing ``item["response"]`` (A) with ``item["response_b"]`` (B)."""
+    user = render_relative(
+        item["instruction"],
+        item["response"],
+        item["response_b"],
+        _criteria_from_item(item),
+        reference=item.get("reference"),
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+_VALID_SCORES = {"1", "2", "3", "4", "5", "A", "B"}
+
+
+def format_judgment(rationale: str, score: int | str) -> str:
+    """``"<rationale> [RESULT] <score>"``, the judge's target output; ``parse_judgment`` reads it back.
+
+    Raises ``ValueError`` for a score outside 1..5 / "A" / "B": a training target with an invalid score
+    would teach the judge to write one.
+    """
+    if isinstance(score, bool) or str(score) not in _VALID_SCORES:
+        raise ValueError(f"score must be an integer 1..5 or 'A'/'B', got {score!r}")
+    rationale = rationale.strip()
+    return f"{rationale} {RESULT_MARKER} {score}" if rationale else f"{RESULT_MARKER} {score}"

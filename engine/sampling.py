@@ -1,0 +1,646 @@
+"""Drawing judgments from a judge: N samples per prompt, reproducible per sample, with score probabilities.
+
+A ``Sampler`` takes chat prompts and returns ``[input][sample]`` lists of ``Sample``. Backends:
+- ``TransformersSampler``: a custom decode loop on transformers (CPU or GPU), see below;
+- ``FakeSampler``: a scripted backend for tests (no model);
+- vLLM: a later issue (``make_sampler("vllm", ...)`` raises ``NotImplementedError``).
+
+    sampler = make_sampler("transformers", model_path)
+    seeds = [[judgment_seed(0, item_id, j) for j in range(4)] for item_id in ids]
+    samples = sampler.generate(prompts, n=4, params=SamplingParams(force_score=True), seeds=seeds)
+
+Why not ``model.generate``: it can give none of the three things the loop below does.
+1. Shared prefill. Each prompt is prefilled once (a left-padded batch of B prompts, one forward), then
+   the KV cache is repeated to B*N rows. Prefill dominates on CPU (a 470-token judge prompt costs
+   SmolLM2-135M ~3.5 s), so N samples cost about one prefill, not N.
+2. Per-sample seeds. Every row draws from its own ``torch.Generator``, one draw per free step, so a
+   judgment is reproduced from its stored seed whatever else was in the batch. Tokens are drawn by an
+   exponential race (argmax p_i / E_i, E_i ~ Exp(1)), which is exact multinomial sampling and, unlike an
+   inverse-CDF draw, does not flip on the last-bit differences that batch padding causes in the logits.
+3. Score forcing and score probabilities. When a row's text ends with the result marker (" [RESULT] "),
+   the model's distribution over the five score tokens at the next position is recorded
+   (``score_probs``, raw logits renormalised over "1".."5"). A row that ends (EOS or budget) with no
+   recorded score position is, under ``force_score``, teacher-forced through " [RESULT] " in the same KV
+   cache while the other rows keep generating; if its free text had no valid score, the score is drawn
+   from those five probabilities (``forced=True``). A row stops as soon as it writes a score digit after
+   the marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from engine.parsing import Judgment, ParseStatus, parse_judgment
+from engine.prompts import RESULT_MARKER
+
+SCORES = (1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 => greedy
+    top_p: float = 0.9  # nucleus mass; 1.0 = off
+    max_new_tokens: int = 256  # budget for the free text (the forced " [RESULT] k" comes on top)
+    repetition_penalty: float = 1.0  # HF/vLLM semantics over prompt + generated tokens; 1.0 = off
+    force_score: bool = False  # close a rationale that lacks a valid score with " [RESULT] k"
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class Sample:
+    text: str  # final judgment text (free text, plus " [RESULT] k" when the score was forced)
+    raw_text: str  # exactly what the model generated freely (special tokens stripped)
+    rationale: str
+    score: int | None  # parsed score, else the forced score when force_score, else None
+    parse_status: str  # ParseStatus value of parse_judgment(raw_text, truncated=hit_budget)
+    forced: bool
+    score_probs: list[float] | None  # P(score=1..5) at the score position; None: no marker, no forcing
+    prompt_tokens: int
+    completion_tokens: int  # tokens of `text` after the prompt (free tokens, + marker and score if forced)
+    latency_s: float  # this sample's share of its batch's wall time
+    seed: int
+
+
+class Sampler(Protocol):
+    model_name: str
+
+    def generate(
+        self,
+        prompts: Sequence[list[dict]],
+        n: int,
+        params: SamplingParams,
+        seeds: Sequence[Sequence[int]],
+        progress: bool = False,
+    ) -> list[list[Sample]]:
+        """prompts: chat messages per input; seeds[i][j] seeds sample j of prompt i; returns [input][sample]."""
+        ...
+
+
+def judgment_seed(base_seed: int, key: str, sample_index: int) -> int:
+    """A stable seed in [0, 2**31) for sample `sample_index` of `key` (e.g. "item-17/a") under `base_seed`."""
+    digest = hashlib.blake2b(f"{base_seed}\x1f{key}\x1f{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % (2**31)
+
+
+def _check_seeds(prompts: Sequence, n: int, seeds: Sequence[Sequence[int]]) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if len(seeds) != len(prompts) or any(len(s) != n for s in seeds):
+        raise ValueError(f"seeds must be {len(prompts)} lists of {n} seeds (one per prompt and sample)")
+
+
+def _valid_score(j: Judgment) -> bool:
+    return j.status is ParseStatus.OK and isinstance(j.score, int) and j.score in SCORES
+
+
+def _forced_text(raw_text: str, score: int) -> str:
+    """The free text closed with " [RESULT] k" (just " k" when it already ends with the marker)."""
+    text = raw_text.rstrip()
+    if text.endswith(RESULT_MARKER):
+        return f"{text} {score}"
+    return f"{text} {RESULT_MARKER} {score}" if text else f"{RESULT_MARKER} {score}"
+
+
+# ------------------------------------------------------------------------------------------ score tokens
+
+
+@dataclass(frozen=True)
+class ScoreTokens:
+    """How this tokenizer writes " [RESULT] k": the marker's ids and one single-token id per score."""
+
+    marker: str  # " [RESULT] " (digits follow directly) or " [RESULT]" (scores are " 1".." 5")
+    marker_ids: tuple[int, ...]
+    score_ids: tuple[int, ...]  # five ids, for scores 1..5
+
+    @property
+    def tail(self) -> str:
+        """What decoded free text ends with right before the score: the marker without its lead space."""
+        return self.marker.lstrip()
+
+
+def find_score_tokens(tokenizer) -> ScoreTokens:
+    """Work out the marker and score token ids from the tokenizer (no model-specific constants)."""
+
+    def enc(s: str) -> list[int]:
+        return list(tokenizer.encode(s, add_special_tokens=False))
+
+    # Preferred: " [RESULT] " then a bare digit token (SmolLM2, Llama-3: digits are single tokens).
+    # Fallback: " [RESULT]" then " k" as one token (tokenizers that merge the space into the digit).
+    for marker, score_text in ((f" {RESULT_MARKER} ", "{k}"), (f" {RESULT_MARKER}", " {k}")):
+        marker_ids = enc(marker)
+        score_ids = []
+        for k in SCORES:
+            full = enc(marker + score_text.format(k=k))
+            if full[: len(marker_ids)] == marker_ids and len(full) == len(marker_ids) + 1:
+                score_ids.append(full[-1])
+        if marker_ids and len(set(score_ids)) == 5:
+            return ScoreTokens(marker, tuple(marker_ids), tuple(score_ids))
+    raise ValueError(
+        f"this tokenizer does not write the scores after {RESULT_MARKER!r} as single tokens "
+        f"(encode(' {RESULT_MARKER} 4') = {enc(f' {RESULT_MARKER} 4')}); score forcing needs them"
+    )
+
+
+# ------------------------------------------------------------------------------------- token selection
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF semantics: a seen token's logit is divided by `penalty` if positive, multiplied if negative."""
+    # logits: [R, V] float; seen: [R, V] bool
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+# A row whose nucleus fits in its top _FAST_K tokens (a trained model, almost always) is sampled among those
+# alone; otherwise (near-flat distributions, e.g. random test models) over the whole vocabulary. The path
+# is chosen per row, so a row's draws never depend on the other rows in its batch.
+_FAST_K = 256
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside each row's nucleus; as HF's TopPLogitsWarper, keeps >= 1 token."""
+    sorted_logits, order = logits.sort(dim=-1)  # ascending: [R, V]
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= (1 - top_p)
+    drop_sorted[:, -1] = False  # the most likely token always stays
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _race(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i / sum(p)."""
+    # probs: [R, C]; each row consumes exactly C draws of its own generator
+    noise = torch.empty_like(probs)
+    for r, gen in enumerate(generators):
+        noise[r].exponential_(generator=gen)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _select_tokens(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+) -> torch.Tensor:
+    """One token per row: greedy when temperature == 0, else temperature + top_p + the row's generator."""
+    # logits: [R, V] float32, repetition penalty already applied
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    fast = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    k = min(_FAST_K, logits.shape[-1])
+    if params.top_p < 1 and k < logits.shape[-1]:
+        top_logits, top_ids = logits.topk(k, dim=-1)  # [R, K], descending
+        top_probs = (top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()  # true probabilities
+        above = top_probs.cumsum(dim=-1) - top_probs  # mass strictly above each candidate
+        fast = above[:, -1] + top_probs[:, -1] >= params.top_p  # the nucleus ends inside the top K
+        if fast.any():
+            rows = fast.nonzero().squeeze(1)
+            kept = top_probs[rows].masked_fill(above[rows] >= params.top_p, 0.0)  # HF's nucleus, in the top K
+            pick = _race(kept, [generators[r] for r in rows.tolist()])
+            out[rows] = top_ids[rows].gather(1, pick[:, None]).squeeze(1)
+    if not fast.all():
+        rows = (~fast).nonzero().squeeze(1)
+        slow = logits[rows]
+        if params.top_p < 1:
+            slow = _top_p_filter(slow, params.top_p)
+        out[rows] = _race(slow.softmax(dim=-1), [generators[r] for r in rows.tolist()])
+    return out
+
+
+# ------------------------------------------------------------------------------------------- row state
+
+FREE, PROBE, DONE = "free", "probe", "done"
+
+
+@dataclass
+class _Row:
+    """One sample being generated: its tokens and where it stands in the free -> probe -> done machine."""
+
+    seed: int
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)  # freely generated tokens (stop token excluded)
+    state: str = FREE
+    hit_budget: bool = False
+    at_score: bool = False  # the last fed token completed the marker: the next logits are the score position
+    score_probs: list[float] | None = None
+    queue: list[int] = field(default_factory=list)  # PROBE: marker tokens still to feed
+    probe_tokens: int = 0  # marker tokens fed by the probe
+    free_score_token: int | None = None  # the score digit the row wrote itself after the marker
+    forced_score: int | None = None
+    judgment: Judgment | None = None  # parse of the free text, set when free generation ends
+
+
+# ---------------------------------------------------------------------------------------- transformers
+
+
+def _preallocated_cache(config, capacity: int):
+    """A DynamicCache whose full-attention layers append in place into buffers of `capacity` positions.
+
+    DynamicLayer appends with torch.cat, copying the whole cache every step; at 16 rows x 600 tokens that
+    copy was ~45% of a SmolLM2 decode step on CPU. Other layer kinds (sliding window, ...) are kept as is."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class SpareRoomLayer(DynamicLayer):
+        # keys/values are views [R, H, len, D] into buffers [R, H, cap, D]; the buffers grow if ever full.
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+            self._k = self._v = None
+            self._len = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self._len + key_states.shape[-2]
+            if self._k is None or end > self._k.shape[-2]:
+                self._resize(key_states, max(end, self.capacity, 2 * self._len))
+            self._k[:, :, self._len:end] = key_states
+            self._v[:, :, self._len:end] = value_states
+            self._len = end
+            self._views()
+            return self.keys, self.values
+
+        def _resize(self, like, cap):
+            shape = (like.shape[0], like.shape[1], cap, like.shape[3])
+            k, v = like.new_empty(shape), like.new_empty(shape)
+            if self._len:
+                k[:, :, :self._len] = self._k[:, :, :self._len]
+                v[:, :, :self._len] = self._v[:, :, :self._len]
+            self._k, self._v = k, v
+
+        def _views(self):
+            self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+
+        def batch_repeat_interleave(self, repeats):
+            if self._len:
+                self._k = self._k.repeat_interleave(repeats, dim=0)
+                self._v = self._v.repeat_interleave(repeats, dim=0)
+                self._views()
+
+        def batch_select_indices(self, indices):
+            if self._len:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self._views()
+
+        def crop(self, tokens_to_remove):
+            raise NotImplementedError("not needed by the sampler")
+
+    cache = DynamicCache(config=config)
+    cache.layers = [SpareRoomLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+class TransformersSampler:
+    """Judgments from a local/hub checkpoint with transformers; see the module docstring for the loop.
+
+    ``generate`` runs all given prompts as one batch (B prompts -> B*n rows); callers chunk by batch size."""
+
+    def __init__(self, model_path: str, device: str = "auto", dtype: torch.dtype | None = None):
+        from engine.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(model_path, device=device, dtype=dtype)
+        self._setup(model, tokenizer, model_path)
+
+    @classmethod
+    def from_loaded(cls, model, tokenizer, model_name: str = "loaded") -> "TransformersSampler":
+        """Wrap a model and tokenizer already in memory (eval mode, pad token set)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, model_name)
+        return self
+
+    def _setup(self, model, tokenizer, model_name: str) -> None:
+        self.model_name = model_name
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.score_tokens = find_score_tokens(tokenizer)
+        self.stop_ids = self._stop_ids()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._token_texts: dict[int, str] = {}
+        # transformers 5.2x renamed forward's `past_key_values` to `cache`; accept either.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def _stop_ids(self) -> frozenset[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return frozenset(i for i in ids if i is not None)
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Chat template with the generation prompt, as token ids (the template carries its own specials)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # ------------------------------------------------------------------ public
+
+    def generate(
+        self,
+        prompts: Sequence[list[dict]],
+        n: int,
+        params: SamplingParams,
+        seeds: Sequence[Sequence[int]],
+        progress: bool = False,
+    ) -> list[list[Sample]]:
+        _check_seeds(prompts, n, seeds)
+        if not prompts:
+            return []
+        t0 = time.perf_counter()
+        prompt_ids = [self.encode_prompt(m) for m in prompts]
+        flat_seeds = [int(s) for per_prompt in seeds for s in per_prompt]
+        rows = self._decode(prompt_ids, n, params, flat_seeds, progress)
+        share = (time.perf_counter() - t0) / len(rows)
+        return [
+            [self._to_sample(rows[i * n + j], params, len(prompt_ids[i]), share) for j in range(n)]
+            for i in range(len(prompts))
+        ]
+
+    # ------------------------------------------------------------------ the loop
+
+    @torch.inference_mode()
+    def _decode(
+        self, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: list[int], progress: bool
+    ) -> list[_Row]:
+        dev = self.device
+        rows = [_Row(seed=s, generator=torch.Generator(device=dev).manual_seed(s)) for s in seeds]
+
+        # Prefill: B left-padded prompts, one forward; only the last position's logits are needed.
+        ids, mask = self._left_pad(prompt_ids)  # [B, L] each
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: real tokens at 0..len-1
+        # room for the prompt, the free tokens, and a probed " [RESULT] k"
+        capacity = ids.shape[1] + params.max_new_tokens + len(self.score_tokens.marker_ids) + 2
+        cache = _preallocated_cache(self.model.config, capacity)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kw: cache})
+        logits = out.logits[:, -1, :].float().repeat_interleave(n, dim=0)  # [R=B*n, V]
+        cache.batch_repeat_interleave(n)  # every layer's K/V: [B, ...] -> [R, ...]
+        mask = mask.repeat_interleave(n, dim=0)  # [R, L]
+        next_pos = pos[:, -1].repeat_interleave(n) + 1  # [R]
+        seen = None  # [R, V] bool: tokens in prompt + generation, for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(len(prompt_ids), logits.shape[-1], dtype=torch.bool, device=dev)
+            for b, p in enumerate(prompt_ids):
+                seen[b, torch.tensor(p, device=dev)] = True
+            seen = seen.repeat_interleave(n, dim=0)
+
+        live = list(range(len(rows)))  # batch position -> row index (finished rows are compacted away)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=params.max_new_tokens, desc="decode", unit="tok", leave=False)
+        step = 0
+        while True:
+            feed = self._advance([rows[i] for i in live], logits, params, seen)  # [R_live] token ids
+            keep = [k for k, i in enumerate(live) if rows[i].state != DONE]
+            if not keep:
+                break
+            if len(keep) < len(live):  # drop finished rows from the batch: later steps cost less
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                feed, mask, next_pos = feed[sel], mask[sel], next_pos[sel]
+                seen = seen[sel] if seen is not None else None
+                live = [live[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)  # [R_live, L + step + 1]
+            out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             use_cache=True, **{self._cache_kw: cache})
+            logits = out.logits[:, -1, :].float()  # [R_live, V]
+            next_pos = next_pos + 1
+            step += 1
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return rows
+
+    def _advance(
+        self, rows: list[_Row], logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One step of every row's state machine, given its next-token logits; returns the tokens to feed."""
+        # logits: [R, V]; rows[k] is batch position k
+        st = self.score_tokens
+        score_ids = torch.tensor(st.score_ids, device=logits.device)
+        free = [k for k, row in enumerate(rows) if row.state == FREE]
+        sampled = None
+        if free:
+            lg = logits[free]
+            if seen is not None:
+                lg = _apply_repetition_penalty(lg, seen[free], params.repetition_penalty)
+            sampled = _select_tokens(lg, params, [rows[k].generator for k in free]).tolist()
+            if seen is not None:
+                seen[torch.tensor(free, device=logits.device), torch.tensor(sampled, device=logits.device)] = True
+        chosen = dict(zip(free, sampled or []))
+
+        feed = [self.pad_id] * len(rows)
+        for k, row in enumerate(rows):
+            recorded_now = False
+            if row.at_score:  # these logits are the score position: record P(1..5)
+                row.score_probs = logits[k, score_ids].float().softmax(-1).tolist()
+                row.at_score = False
+                recorded_now = True
+            if row.state == PROBE:
+                if recorded_now:  # the probe is complete
+                    self._close_probe(row, params)
+                else:
+                    feed[k] = row.queue.pop(0)
+                    row.at_score = not row.queue
+                continue
+            if row.state != FREE:
+                continue
+            tok = chosen[k]
+            if tok in self.stop_ids:
+                feed[k] = self._end_free(row, params, pending=None, at_score_now=recorded_now)
+                continue
+            row.tokens.append(tok)
+            if recorded_now and tok in st.score_ids:  # the row wrote its own score: complete
+                row.free_score_token = tok
+                feed[k] = self._end_free(row, params, pending=None, at_score_now=True)
+            elif len(row.tokens) >= params.max_new_tokens:
+                row.hit_budget = True
+                feed[k] = self._end_free(row, params, pending=tok, at_score_now=False)
+            else:
+                feed[k] = tok
+                row.at_score = self._ends_with_marker(row.tokens)
+        return torch.tensor(feed, device=logits.device)
+
+    def _end_free(self, row: _Row, params: SamplingParams, pending: int | None, at_score_now: bool) -> int:
+        """Free generation ended (stop token, score written, or budget): parse, then probe or finish.
+
+        `pending`: the last sampled token, not yet fed (budget end). `at_score_now`: this step's logits
+        were the score position (score_probs fresh). Returns the token to feed now."""
+        row.judgment = parse_judgment(self._text(row.tokens), truncated=row.hit_budget)
+        if row.free_score_token is not None or not params.force_score:
+            return self._finish(row)
+        if _valid_score(row.judgment) and row.score_probs is not None:
+            return self._finish(row)
+        if at_score_now:  # stopped right after writing the marker: the probe's reading is already here
+            self._close_probe(row, params)
+            return self.pad_id
+        # Probe: feed (pending token +) the marker, read P(1..5) at the score position.
+        row.state, row.score_probs = PROBE, None
+        marker = list(self.score_tokens.marker_ids)
+        if pending is not None and self._ends_with_marker(row.tokens):
+            marker = []  # the budget ran out right on the marker: the score position is next
+        row.probe_tokens = len(marker)
+        row.queue = ([pending] if pending is not None else []) + marker
+        tok = row.queue.pop(0)
+        row.at_score = not row.queue
+        return tok
+
+    def _close_probe(self, row: _Row, params: SamplingParams) -> None:
+        """The probe read P(1..5); draw the score from it (row generator; argmax when greedy) unless the
+        free text had a valid score of its own."""
+        if not _valid_score(row.judgment):
+            probs = torch.tensor(row.score_probs, device=row.generator.device)
+            if params.temperature == 0:
+                pick = int(probs.argmax())
+            else:
+                pick = int(torch.multinomial(probs, 1, generator=row.generator).item())
+            row.forced_score = SCORES[pick]
+        self._finish(row)
+
+    def _finish(self, row: _Row) -> int:
+        row.state = DONE
+        row.at_score = False
+        return self.pad_id
+
+    # ------------------------------------------------------------------ helpers
+
+    def _token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _ends_with_marker(self, tokens: list[int]) -> bool:
+        if not self._token_text(tokens[-1]).endswith(self.score_tokens.tail[-1]):
+            return False  # cheap pre-check: the last token must end like the marker
+        tail = self.tokenizer.decode(tokens[-(len(self.score_tokens.marker_ids) + 2):], skip_special_tokens=True)
+        return tail.endswith(self.score_tokens.tail)
+
+    def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for b, p in enumerate(prompt_ids):
+            ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[b, width - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _to_sample(self, row: _Row, params: SamplingParams, prompt_tokens: int, latency_s: float) -> Sample:
+        judgment = row.judgment
+        score = judgment.score if _valid_score(judgment) else None
+        text, forced, completion = judgment.raw, False, len(row.tokens)
+        if score is None and row.forced_score is not None:  # closed by the probe
+            score, forced = row.forced_score, True
+            text = _forced_text(judgment.raw, score)
+            completion += row.probe_tokens + 1
+        elif score is None and params.force_score and row.free_score_token is not None:
+            # The row wrote "[RESULT] k" itself but the parser rejects the whole (e.g. ambiguous): keep
+            # the text, take the digit the model drew at the score position.
+            score, forced = SCORES[self.score_tokens.score_ids.index(row.free_score_token)], True
+        return Sample(
+            text=text,
+            raw_text=judgment.raw,
+            rationale=judgment.rationale,
+            score=score,
+            parse_status=judgment.status.value,
+            forced=forced,
+            score_probs=row.score_probs,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            latency_s=latency_s,
+            seed=row.seed,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ fake
+
+
+class FakeSampler:
+    """A scripted sampler for tests: ``script(messages, sample_index, seed) -> text``, no model.
+
+    The text is parsed like a model's. Scored texts get one-hot ``score_probs``; under ``force_score`` a
+    text without a valid score gets a score drawn from its seed and uniform probabilities. A text longer
+    than ``max_new_tokens`` whitespace tokens is cut there and parsed as truncated. Token counts are
+    whitespace word counts."""
+
+    def __init__(self, script: Callable[[list[dict], int, int], str], model_name: str = "fake"):
+        self.script = script
+        self.model_name = model_name
+
+    def generate(
+        self,
+        prompts: Sequence[list[dict]],
+        n: int,
+        params: SamplingParams,
+        seeds: Sequence[Sequence[int]],
+        progress: bool = False,
+    ) -> list[list[Sample]]:
+        _check_seeds(prompts, n, seeds)
+        return [[self._one(m, j, int(seeds[i][j]), params) for j in range(n)] for i, m in enumerate(prompts)]
+
+    def _one(self, messages: list[dict], index: int, seed: int, params: SamplingParams) -> Sample:
+        raw = self.script(messages, index, seed)
+        words = raw.split()
+        truncated = len(words) > params.max_new_tokens
+        if truncated:
+            raw = " ".join(words[: params.max_new_tokens])
+        judgment = parse_judgment(raw, truncated=truncated)
+        text, forced, score, probs = raw, False, None, None
+        if _valid_score(judgment):
+            score = judgment.score
+            probs = [1.0 if k == score else 0.0 for k in SCORES]
+        elif params.force_score:
+            score, forced = random.Random(seed).choice(SCORES), True
+            probs = [1.0 / len(SCORES)] * len(SCORES)
+            text = _forced_text(raw, score)
+        return Sample(
+            text=text,
+            raw_text=raw,
+            rationale=judgment.rationale,
+            score=score,
+            parse_status=judgment.status.value,
+            forced=forced,
+            score_probs=probs,
+            prompt_tokens=sum(len(str(m.get("content", "")).split()) for m in messages),
+            completion_tokens=len(text.split()),
+            latency_s=0.0,
+            seed=seed,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- factory
+
+
+def make_sampler(backend: str, model_path: str, device: str = "auto") -> Sampler:
+    """The sampler for a config's ``backend``: "transformers" here; "vllm" lands later; "fake" is test-only."""
+    if backend == "transformers":
+        return TransformersSampler(model_path, device=device)
+    if backend == "vllm":
+        raise NotImplementedError("the vLLM backend lands in a later issue")
+    if backend == "fake":
+        raise ValueError("the fake backend needs a script: tests build FakeSampler(script) directly")
+    raise ValueError(f"unknown sampling backend {backend!r}: expected transformers, vllm or fake")

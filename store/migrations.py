@@ -1,0 +1,187 @@
+"""Numbered schema migrations; `migrate(con)` applies the missing ones and is safe to call at any time.
+
+Add a migration by appending a (version, name, sql) entry; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+M001_CORE = """
+CREATE TABLE datasets (
+    name        VARCHAR PRIMARY KEY,
+    kind        VARCHAR NOT NULL,            -- absolute | pairwise
+    created_at  TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE imports (
+    import_id   VARCHAR PRIMARY KEY,
+    dataset     VARCHAR NOT NULL,
+    source      VARCHAR NOT NULL,
+    preset      VARCHAR,
+    source_rows BIGINT,
+    inserted    BIGINT,
+    existing    BIGINT,
+    skipped     VARCHAR,                     -- JSON list of {row, reason}
+    imported_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE items (
+    item_id            BIGINT PRIMARY KEY,   -- 60 bits of hash(dataset, content): re-imports are no-ops
+    content_hash       VARCHAR NOT NULL,
+    dataset            VARCHAR NOT NULL,
+    split              VARCHAR NOT NULL,     -- train | eval
+    kind               VARCHAR NOT NULL,     -- absolute | pairwise
+    instruction        VARCHAR NOT NULL,
+    response           VARCHAR NOT NULL,
+    response_b         VARCHAR,
+    label              VARCHAR,              -- A | B | tie (pairwise)
+    reference          VARCHAR,
+    criteria           VARCHAR,
+    score1_description VARCHAR,
+    score2_description VARCHAR,
+    score3_description VARCHAR,
+    score4_description VARCHAR,
+    score5_description VARCHAR,
+    gold_score         DOUBLE,
+    gold_scores        VARCHAR,              -- JSON list when the source had several
+    gold_feedback      VARCHAR,
+    source_row         BIGINT,
+    meta               VARCHAR,
+    imported_at        TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE runs (
+    run_id      VARCHAR PRIMARY KEY,
+    kind        VARCHAR NOT NULL,            -- loop | evaluate
+    config      VARCHAR NOT NULL,            -- resolved config, JSON
+    status      VARCHAR NOT NULL,            -- pending | running | done | failed | cancelled
+    run_dir     VARCHAR,
+    pid         INTEGER,
+    error       VARCHAR,
+    created_at  TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    updated_at  TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    finished_at TIMESTAMP
+);
+
+-- Iteration 0 is the seed (evaluate only); iteration k samples with model k-1 and trains checkpoint k.
+CREATE TABLE iterations (
+    run_id          VARCHAR NOT NULL,
+    iteration       INTEGER NOT NULL,
+    sampler_model   VARCHAR,
+    checkpoint      VARCHAR,
+    sample_status   VARCHAR NOT NULL DEFAULT 'pending',   -- pending | running | done | failed | skipped
+    curate_status   VARCHAR NOT NULL DEFAULT 'pending',
+    train_status    VARCHAR NOT NULL DEFAULT 'pending',
+    evaluate_status VARCHAR NOT NULL DEFAULT 'pending',
+    curate_report   VARCHAR,                              -- JSON
+    train_metrics   VARCHAR,                              -- JSON
+    updated_at      TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (run_id, iteration)
+);
+
+CREATE TABLE judgments (
+    judgment_id       BIGINT PRIMARY KEY,   -- hash of run/iteration/purpose/item/side/sample: a resume never duplicates
+    run_id            VARCHAR NOT NULL,
+    iteration         INTEGER NOT NULL,
+    purpose           VARCHAR NOT NULL,     -- train | eval
+    item_id           BIGINT NOT NULL,
+    side              VARCHAR NOT NULL,     -- a | b (b = response_b of a pairwise item)
+    sample_index      INTEGER NOT NULL,
+    model             VARCHAR NOT NULL,
+    temperature       DOUBLE,
+    top_p             DOUBLE,
+    max_new_tokens    INTEGER,
+    seed              BIGINT,
+    raw_text          VARCHAR,              -- what the model wrote freely
+    text              VARCHAR,              -- raw_text plus a forced " [RESULT] k" when forced
+    rationale         VARCHAR,
+    score             INTEGER,              -- NULL when no score could be read (and none was forced)
+    parse_status      VARCHAR NOT NULL,     -- ok | no_score | out_of_range | truncated | ambiguous
+    forced            BOOLEAN NOT NULL DEFAULT false,
+    p1 DOUBLE, p2 DOUBLE, p3 DOUBLE, p4 DOUBLE, p5 DOUBLE,  -- P(score = k) at the score position
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    latency_s         DOUBLE,
+    created_at        TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE pairs (
+    pair_id          BIGINT NOT NULL,      -- hash of (chosen_id, rejected_id); unique by construction, and
+                                           -- unindexed so curation writes 100k+ pairs in milliseconds
+    run_id           VARCHAR NOT NULL,
+    iteration        INTEGER NOT NULL,
+    item_id          BIGINT NOT NULL,
+    chosen_id        BIGINT NOT NULL,
+    rejected_id      BIGINT NOT NULL,
+    strategy         VARCHAR NOT NULL,
+    params           VARCHAR,              -- JSON
+    margin           DOUBLE,
+    status           VARCHAR NOT NULL DEFAULT 'auto',  -- auto | accepted | rejected | swapped | edited
+    edited_rationale VARCHAR,              -- chosen side as a human rewrote it (status edited)
+    edited_score     INTEGER,
+    note             VARCHAR,
+    updated_by       VARCHAR,
+    updated_at       TIMESTAMP,
+    created_at       TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE evaluations (
+    run_id     VARCHAR NOT NULL,
+    iteration  INTEGER NOT NULL,
+    dataset    VARCHAR NOT NULL,
+    metric     VARCHAR NOT NULL,
+    value      DOUBLE,
+    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (run_id, iteration, dataset, metric)
+);
+
+-- Append-only: every human action on a pair, with the row before and after.
+CREATE SEQUENCE audit_seq;
+CREATE TABLE audit_log (
+    audit_id  BIGINT PRIMARY KEY DEFAULT nextval('audit_seq'),
+    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    who       VARCHAR NOT NULL,
+    action    VARCHAR NOT NULL,
+    pair_id   BIGINT,
+    run_id    VARCHAR,
+    iteration INTEGER,
+    before    VARCHAR,                     -- JSON
+    after     VARCHAR,                     -- JSON
+    note      VARCHAR
+);
+"""
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "core", M001_CORE),
+]
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def applied_versions(con: duckdb.DuckDBPyConnection) -> set[int]:
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name VARCHAR NOT NULL,"
+        " applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"
+    )
+    return {v for (v,) in con.execute("SELECT version FROM schema_migrations").fetchall()}
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
+    """Apply pending migrations in order, each in its own transaction; returns the versions applied."""
+    done = applied_versions(con)
+    applied = []
+    for version, name, sql in MIGRATIONS:
+        if version in done:
+            continue
+        con.begin()
+        try:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        applied.append(version)
+    return applied

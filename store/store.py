@@ -1,0 +1,467 @@
+"""`Store`: every read and write of a selfrat workspace database.
+
+The single-writer rule of DuckDB is handled in `store.db`: each method below opens the file, runs one
+transaction and closes it, so a job process and the app take turns holding the file for milliseconds.
+Writes are idempotent (deterministic ids + INSERT OR IGNORE), so a resumed stage never duplicates rows.
+Reads return Polars frames or plain dicts. This package imports neither `engine` nor `ui`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from store.db import DEFAULT_TIMEOUT_S, connect, transaction
+from store.migrations import migrate
+
+DB_FILE = "selfrat.duckdb"
+STAGES = ("sample", "curate", "train", "evaluate")
+PAIR_STATUSES = ("auto", "accepted", "rejected", "swapped", "edited")
+TRAINABLE_STATUSES = ("auto", "accepted", "swapped", "edited")
+PAIR_ACTIONS = ("accept", "reject", "swap", "edit", "note")
+
+JUDGMENT_COLUMNS = [
+    "judgment_id", "run_id", "iteration", "purpose", "item_id", "side", "sample_index", "model",
+    "temperature", "top_p", "max_new_tokens", "seed", "raw_text", "text", "rationale", "score",
+    "parse_status", "forced", "p1", "p2", "p3", "p4", "p5", "prompt_tokens", "completion_tokens",
+    "latency_s",
+]
+PAIR_COLUMNS = [
+    "pair_id", "run_id", "iteration", "item_id", "chosen_id", "rejected_id", "strategy", "params", "margin",
+]
+ITEM_COLUMNS = [
+    "item_id", "content_hash", "dataset", "split", "kind", "instruction", "response", "response_b", "label",
+    "reference", "criteria", "score1_description", "score2_description", "score3_description",
+    "score4_description", "score5_description", "gold_score", "gold_scores", "gold_feedback", "source_row",
+    "meta",
+]
+
+
+class StoreError(ValueError):
+    """A request the store refuses (unknown run, dataset kind clash, bad pair action)."""
+
+
+def judgment_id(run_id: str, iteration: int, purpose: str, item_id: int, side: str, sample_index: int) -> int:
+    """A stable 63-bit id from the judgment's natural key, so a resumed stage writes the same ids."""
+    key = f"{run_id}/{iteration}/{purpose}/{item_id}/{side}/{sample_index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
+
+
+def _first(result) -> tuple | None:
+    """First row of a result, consuming it (DuckDB 2 refuses new work while a result is half-read)."""
+    rows = result.fetchall()
+    return rows[0] if rows else None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Store:
+    """A workspace database. Creating one migrates the schema (safe at any time, from any process)."""
+
+    def __init__(self, path: str | Path, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with connect(self.path, timeout_s) as con:
+            migrate(con)
+
+    @classmethod
+    def in_workspace(cls, workspace: str | Path, **kw) -> "Store":
+        return cls(Path(workspace) / DB_FILE, **kw)
+
+    def _tx(self):
+        return transaction(self.path, self.timeout_s)
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
+        with connect(self.path, self.timeout_s) as con:
+            return con.sql(sql, params=list(params) or None).pl()
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict]:
+        return self._read(sql, params).to_dicts()
+
+    def data_version(self) -> tuple[int, int]:
+        """Changes whenever anything is written; read from file times, so it needs no lock."""
+        out = []
+        for p in (self.path, self.path.with_name(self.path.name + ".wal")):
+            try:
+                out.append(p.stat().st_mtime_ns)
+            except FileNotFoundError:
+                out.append(0)
+        return tuple(out)
+
+    # ------------------------------------------------------------------ writing: datasets and items
+
+    def import_items(
+        self, dataset: str, kind: str, items: pl.DataFrame, *, source: str, preset: str | None,
+        source_rows: int, skipped: Sequence[dict] = (),
+    ) -> dict[str, int]:
+        """Insert items of one dataset (all or nothing); items already present are left alone."""
+        frame = items.select(ITEM_COLUMNS)
+        with self._tx() as con:
+            row = _first(con.execute("SELECT kind FROM datasets WHERE name = ?", [dataset]))
+            if row and row[0] != kind:
+                raise StoreError(f"dataset {dataset!r} holds {row[0]} items; cannot add {kind} items to it")
+            if not row:
+                con.execute("INSERT INTO datasets (name, kind) VALUES (?, ?)", [dataset, kind])
+            before = _first(con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]))[0]
+            con.register("new_items", frame.to_arrow())
+            cols = ", ".join(ITEM_COLUMNS)
+            con.execute(f"INSERT OR IGNORE INTO items ({cols}) SELECT {cols} FROM new_items")
+            con.unregister("new_items")
+            after = _first(con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]))[0]
+            inserted = after - before
+            import_id = f"{dataset}/{_now().isoformat()}"
+            con.execute(
+                "INSERT INTO imports (import_id, dataset, source, preset, source_rows, inserted, existing, skipped)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [import_id, dataset, source, preset, source_rows, inserted, frame.height - inserted,
+                 json.dumps(list(skipped))],
+            )
+        return {"inserted": inserted, "existing": frame.height - inserted}
+
+    # ------------------------------------------------------------------ writing: runs and iterations
+
+    def create_run(self, run_id: str, kind: str, config: dict, run_dir: str | None = None) -> bool:
+        """Record a run; returns False (and changes nothing) when it exists already."""
+        with self._tx() as con:
+            if _first(con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id])):
+                return False
+            con.execute(
+                "INSERT INTO runs (run_id, kind, config, status, run_dir) VALUES (?, ?, ?, 'pending', ?)",
+                [run_id, kind, json.dumps(config), run_dir],
+            )
+        return True
+
+    def update_run(self, run_id: str, *, status: str | None = None, pid: int | None = None,
+                   error: str | None = None, clear_error: bool = False) -> None:
+        sets, params = ["updated_at = ?"], [_now()]
+        if status is not None:
+            sets.append("status = ?")
+            params.append(status)
+            if status in ("done", "failed", "cancelled"):
+                sets.append("finished_at = ?")
+                params.append(_now())
+        if pid is not None:
+            sets.append("pid = ?")
+            params.append(pid)
+        if error is not None or clear_error:
+            sets.append("error = ?")
+            params.append(error)
+        with self._tx() as con:
+            con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*params, run_id])
+
+    def ensure_iteration(self, run_id: str, iteration: int, sampler_model: str | None = None) -> None:
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR IGNORE INTO iterations (run_id, iteration, sampler_model) VALUES (?, ?, ?)",
+                [run_id, iteration, sampler_model],
+            )
+            if sampler_model is not None:
+                con.execute(
+                    "UPDATE iterations SET sampler_model = ? WHERE run_id = ? AND iteration = ?",
+                    [sampler_model, run_id, iteration],
+                )
+
+    def set_stage(self, run_id: str, iteration: int, stage: str, status: str, *,
+                  checkpoint: str | None = None, report: dict | None = None) -> None:
+        if stage not in STAGES:
+            raise StoreError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        sets, params = [f"{stage}_status = ?", "updated_at = ?"], [status, _now()]
+        if checkpoint is not None:
+            sets.append("checkpoint = ?")
+            params.append(checkpoint)
+        if report is not None:
+            column = {"curate": "curate_report", "train": "train_metrics"}[stage]
+            sets.append(f"{column} = ?")
+            params.append(json.dumps(report))
+        with self._tx() as con:
+            con.execute(
+                f"UPDATE iterations SET {', '.join(sets)} WHERE run_id = ? AND iteration = ?",
+                [*params, run_id, iteration],
+            )
+
+    # ------------------------------------------------------------------ writing: judgments, pairs, metrics
+
+    def insert_judgments(self, rows: pl.DataFrame | Sequence[dict]) -> int:
+        """Insert judgments; ones already stored (same deterministic id) are kept as they were."""
+        frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows), infer_schema_length=None)
+        if frame.height == 0:
+            return 0
+        frame = frame.select(JUDGMENT_COLUMNS)
+        cols = ", ".join(JUDGMENT_COLUMNS)
+        with self._tx() as con:
+            con.register("new_judgments", frame.to_arrow())
+            n = _first(con.execute(f"INSERT OR IGNORE INTO judgments ({cols}) SELECT {cols} FROM new_judgments"))
+            con.unregister("new_judgments")
+        return int(n[0]) if n else 0
+
+    def save_curation(self, run_id: str, iteration: int, pairs: pl.DataFrame, report: dict) -> int:
+        """Write an iteration's curated pairs and mark its curate stage done, in one transaction.
+
+        Pairs already stored (same id) are kept as they are, human decisions included, so running the
+        stage again after a crash neither duplicates pairs nor undoes an audit.
+        """
+        cols = ", ".join(PAIR_COLUMNS)
+        with self._tx() as con:
+            con.register("new_pairs", pairs.select(PAIR_COLUMNS).to_arrow())
+            sql = f"INSERT INTO pairs ({cols}) SELECT {cols} FROM new_pairs"
+            has_pairs = _first(con.execute("SELECT count(*) FROM pairs WHERE run_id = ? AND iteration = ?",
+                                           [run_id, iteration]))[0]
+            if has_pairs:  # the anti-join only when there is something to skip: the first write stays fast
+                n = _first(con.execute(sql + " WHERE pair_id NOT IN (SELECT pair_id FROM pairs"
+                                       " WHERE run_id = ? AND iteration = ?)", [run_id, iteration]))
+            else:
+                n = _first(con.execute(sql))
+            con.unregister("new_pairs")
+            con.execute(
+                "UPDATE iterations SET curate_status = 'done', curate_report = ?, updated_at = ?"
+                " WHERE run_id = ? AND iteration = ?", [json.dumps(report), _now(), run_id, iteration])
+        return int(n[0]) if n else 0
+
+    def put_metrics(self, run_id: str, iteration: int, dataset: str, metrics: dict[str, float]) -> None:
+        rows = [(run_id, iteration, dataset, k, None if v is None else float(v)) for k, v in metrics.items()]
+        with self._tx() as con:
+            con.executemany("INSERT OR REPLACE INTO evaluations (run_id, iteration, dataset, metric, value) "
+                            "VALUES (?, ?, ?, ?, ?)", rows)
+
+    def apply_pair_action(self, pair_ids: int | Iterable[int], action: str, who: str, *, note: str | None = None,
+                          rationale: str | None = None, score: int | None = None) -> list[dict]:
+        """A human decision on one or more pairs, written with an audit row each, in one transaction.
+
+        accept / reject set the status; swap exchanges chosen and rejected (swapping a swapped pair back
+        leaves it accepted); edit replaces the chosen side's rationale and score (status edited); note
+        only sets the note. Returns the pairs as they are after the action.
+        """
+        if action not in PAIR_ACTIONS:
+            raise StoreError(f"unknown pair action {action!r}; expected one of {PAIR_ACTIONS}")
+        if action == "edit":
+            if not rationale or not rationale.strip():
+                raise StoreError("edit needs a non-empty rationale")
+            if score is None or not 1 <= int(score) <= 5:
+                raise StoreError(f"edit needs a score between 1 and 5, got {score!r}")
+        if not who or not who.strip():
+            raise StoreError("every pair action needs who made it")
+        ids = [int(pair_ids)] if isinstance(pair_ids, (int, np.integer)) else [int(p) for p in pair_ids]
+        fields = "pair_id, run_id, iteration, chosen_id, rejected_id, status, edited_rationale, edited_score, note"
+        out = []
+        with self._tx() as con:
+            for pid in ids:
+                row = _first(con.execute(f"SELECT {fields} FROM pairs WHERE pair_id = ?", [pid]))
+                if row is None:
+                    raise StoreError(f"no pair {pid!r}")
+                before = dict(zip([f.strip() for f in fields.split(",")], row))
+                after = dict(before)
+                if action == "accept":
+                    after["status"] = "accepted"
+                elif action == "reject":
+                    after["status"] = "rejected"
+                elif action == "swap":
+                    after["chosen_id"], after["rejected_id"] = before["rejected_id"], before["chosen_id"]
+                    after["status"] = "accepted" if before["status"] == "swapped" else "swapped"
+                    after["edited_rationale"], after["edited_score"] = None, None
+                elif action == "edit":
+                    after.update(status="edited", edited_rationale=rationale.strip(), edited_score=int(score))
+                if note is not None:
+                    after["note"] = note
+                con.execute(
+                    "UPDATE pairs SET chosen_id = ?, rejected_id = ?, status = ?, edited_rationale = ?,"
+                    " edited_score = ?, note = ?, updated_by = ?, updated_at = ? WHERE pair_id = ?",
+                    [after["chosen_id"], after["rejected_id"], after["status"], after["edited_rationale"],
+                     after["edited_score"], after["note"], who, _now(), pid],
+                )
+                con.execute(
+                    "INSERT INTO audit_log (who, action, pair_id, run_id, iteration, before, after, note)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [who, action, pid, before["run_id"], before["iteration"], json.dumps(before),
+                     json.dumps(after), note],
+                )
+                out.append(after)
+        return out
+
+    # ------------------------------------------------------------------ reading
+
+    def datasets(self) -> pl.DataFrame:
+        return self._read(
+            "SELECT d.name, d.kind, count(i.item_id) AS items,"
+            " count(i.item_id) FILTER (WHERE i.split = 'train') AS train,"
+            " count(i.item_id) FILTER (WHERE i.split = 'eval') AS eval, d.created_at"
+            " FROM datasets d LEFT JOIN items i ON i.dataset = d.name GROUP BY ALL ORDER BY d.name"
+        )
+
+    def dataset_kind(self, name: str) -> str:
+        rows = self._rows("SELECT kind FROM datasets WHERE name = ?", [name])
+        if not rows:
+            known = ", ".join(self.datasets()["name"].to_list()) or "none"
+            raise StoreError(f"no dataset {name!r} in this workspace (imported: {known})")
+        return rows[0]["kind"]
+
+    def items(self, dataset: str, split: str | None = None, limit: int | None = None) -> pl.DataFrame:
+        """Items of a dataset in a stable order (by item_id), optionally one split and the first `limit`."""
+        self.dataset_kind(dataset)
+        sql = f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE dataset = ?"
+        params: list[Any] = [dataset]
+        if split and split != "all":
+            sql += " AND split = ?"
+            params.append(split)
+        sql += " ORDER BY item_id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return self._read(sql, params)
+
+    def run(self, run_id: str) -> dict:
+        rows = self._rows("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        if not rows:
+            raise StoreError(f"no run {run_id!r} in this workspace")
+        row = rows[0]
+        row["config"] = json.loads(row["config"])
+        return row
+
+    def runs(self) -> pl.DataFrame:
+        return self._read("SELECT run_id, kind, status, created_at, updated_at, finished_at, error FROM runs"
+                          " ORDER BY created_at")
+
+    def iterations(self, run_id: str) -> list[dict]:
+        rows = self._rows("SELECT * FROM iterations WHERE run_id = ? ORDER BY iteration", [run_id])
+        for r in rows:
+            for key in ("curate_report", "train_metrics"):
+                r[key] = json.loads(r[key]) if r[key] else None
+        return rows
+
+    def iteration(self, run_id: str, iteration: int) -> dict:
+        for r in self.iterations(run_id):
+            if r["iteration"] == iteration:
+                return r
+        raise StoreError(f"run {run_id!r} has no iteration {iteration}")
+
+    def judgment_keys(self, run_id: str, iteration: int, purpose: str) -> set[tuple[str, str, int]]:
+        """(item_id, side, sample_index) already stored: what a resumed sampling stage skips."""
+        with connect(self.path, self.timeout_s) as con:
+            rows = con.execute(
+                "SELECT item_id, side, sample_index FROM judgments WHERE run_id = ? AND iteration = ? AND purpose = ?",
+                [run_id, iteration, purpose],
+            ).fetchall()
+        return {(a, b, int(c)) for a, b, c in rows}
+
+    def judgments(self, run_id: str, iteration: int, purpose: str | None = None) -> pl.DataFrame:
+        sql = "SELECT * FROM judgments WHERE run_id = ? AND iteration = ?"
+        params: list[Any] = [run_id, iteration]
+        if purpose:
+            sql += " AND purpose = ?"
+            params.append(purpose)
+        return self._read(sql + " ORDER BY item_id, side, sample_index", params)
+
+    def curation_inputs(self, run_id: str, iteration: int, dataset: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """What curation reads, as numeric columns only (1M judgments come back in ~0.1 s).
+
+        Returns (judgments: judgment_id, item_id, sample_index, score, forced of the iteration's training
+        samples; golds: item_id, gold_score of the dataset's items).
+        """
+        with connect(self.path, self.timeout_s) as con:
+            judgments = con.sql(
+                "SELECT judgment_id, item_id, sample_index, score, forced FROM judgments"
+                " WHERE run_id = ? AND iteration = ? AND purpose = 'train' AND side = 'a'",
+                params=[run_id, iteration]).pl()
+            golds = con.sql("SELECT item_id, gold_score FROM items WHERE dataset = ?", params=[dataset]).pl()
+        return judgments, golds
+
+    def pairs(self, run_id: str, iteration: int, status: str | None = None) -> pl.DataFrame:
+        sql = "SELECT * FROM pairs WHERE run_id = ? AND iteration = ?"
+        params: list[Any] = [run_id, iteration]
+        if status:
+            sql += " AND status = ?"
+            params.append(status)
+        return self._read(sql + " ORDER BY pair_id", params)
+
+    def training_pairs(self, run_id: str, iteration: int) -> pl.DataFrame:
+        """Pairs that training may use, as the humans left them, with the item and both judgment texts."""
+        return self.export_pairs(run_id, iteration, include_rejected=False)
+
+    def export_pairs(self, run_id: str, iteration: int, include_rejected: bool = False) -> pl.DataFrame:
+        allowed = PAIR_STATUSES if include_rejected else TRAINABLE_STATUSES
+        statuses = ", ".join(f"'{s}'" for s in allowed)
+        return self._read(
+            "SELECT p.pair_id, p.item_id, p.status, p.strategy, p.margin, p.edited_rationale, p.edited_score,"
+            " c.text AS chosen_text, c.score AS chosen_score, r.text AS rejected_text, r.score AS rejected_score,"
+            " i.instruction, i.response, i.reference, i.criteria, i.score1_description, i.score2_description,"
+            " i.score3_description, i.score4_description, i.score5_description, i.gold_score"
+            " FROM pairs p JOIN judgments c ON c.judgment_id = p.chosen_id"
+            " JOIN judgments r ON r.judgment_id = p.rejected_id JOIN items i ON i.item_id = p.item_id"
+            f" WHERE p.run_id = ? AND p.iteration = ? AND p.status IN ({statuses}) ORDER BY p.pair_id",
+            [run_id, iteration],
+        )
+
+    def audit_log(self, run_id: str | None = None, pair_id: str | None = None) -> pl.DataFrame:
+        sql, params = "SELECT * FROM audit_log WHERE 1=1", []
+        if run_id:
+            sql += " AND run_id = ?"
+            params.append(run_id)
+        if pair_id:
+            sql += " AND pair_id = ?"
+            params.append(pair_id)
+        return self._read(sql + " ORDER BY audit_id", params)
+
+    def metrics(self, run_id: str) -> pl.DataFrame:
+        return self._read("SELECT iteration, dataset, metric, value FROM evaluations WHERE run_id = ?"
+                          " ORDER BY iteration, dataset, metric", [run_id])
+
+    def run_status(self, run_id: str) -> dict:
+        """The object `selfrat status RUN_ID --json` prints: one entry per iteration, 0 = the seed."""
+        run = self.run(run_id)
+        with connect(self.path, self.timeout_s) as con:
+            counts = {
+                (it, purpose): (n, parsed)
+                for it, purpose, n, parsed in con.execute(
+                    "SELECT iteration, purpose, count(*), count(*) FILTER (WHERE parse_status = 'ok')"
+                    " FROM judgments WHERE run_id = ? GROUP BY ALL", [run_id]).fetchall()
+            }
+            pair_counts: dict[int, dict[str, int]] = {}
+            for it, status, n in con.execute(
+                "SELECT iteration, status, count(*) FROM pairs WHERE run_id = ? GROUP BY ALL", [run_id]
+            ).fetchall():
+                pair_counts.setdefault(it, {})[status] = n
+            metric_rows = con.execute(
+                "SELECT iteration, dataset, metric, value FROM evaluations WHERE run_id = ?", [run_id]
+            ).fetchall()
+            iters = con.execute(
+                "SELECT iteration, sampler_model, checkpoint, sample_status, curate_status, train_status,"
+                " evaluate_status FROM iterations WHERE run_id = ? ORDER BY iteration", [run_id]).fetchall()
+        metrics: dict[int, dict[str, dict[str, float | None]]] = {}
+        for it, ds, metric, value in metric_rows:
+            metrics.setdefault(it, {}).setdefault(ds, {})[metric] = value
+        out = []
+        for it, sampler, ckpt, *stage_status in iters:
+            n_train, parsed_train = counts.get((it, "train"), (0, 0))
+            n_eval, parsed_eval = counts.get((it, "eval"), (0, 0))
+            out.append({
+                "index": it,
+                "judgments": n_train + n_eval,
+                "parsed": parsed_train + parsed_eval,
+                "train_judgments": n_train,
+                "eval_judgments": n_eval,
+                "pairs": {s: pair_counts.get(it, {}).get(s, 0) for s in PAIR_STATUSES},
+                "checkpoint": ckpt,
+                "sampler_model": sampler,
+                "stages": dict(zip(STAGES, stage_status)),
+                "metrics": metrics.get(it, {}),
+            })
+        return {
+            "id": run_id, "kind": run["kind"], "status": run["status"], "error": run["error"],
+            "created_at": str(run["created_at"]), "updated_at": str(run["updated_at"]), "iterations": out,
+        }
+
+    def all_status(self) -> dict:
+        return {"runs": [self.run_status(r) for r in self.runs()["run_id"].to_list()]}
+
+
+def default_who() -> str:
+    return os.environ.get("SELFRAT_USER") or os.environ.get("USER") or "unknown"

@@ -1,0 +1,186 @@
+"""The loop end to end on a tiny random Llama: import -> run 2 iterations -> status -> export; resume after
+a real SIGKILL; config and input errors that name what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.demo import demo_data_path
+from store import Store
+
+runner = CliRunner()
+
+
+def cli(ws: Path, *args: str, ok: bool = True):
+    result = runner.invoke(app, ["--workspace", str(ws), *args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def tiny_config(model_dir: Path, **over) -> dict:
+    cfg = {
+        "model": str(model_dir),
+        "train_dataset": "demo",
+        "eval_datasets": ["demo", "chat"],
+        "iterations": 2,
+        "max_train_items": 8,
+        "max_eval_items": 6,
+        "sampling": {"n": 3, "max_new_tokens": 12, "batch_size": 4, "force_score": True, "seed": 3},
+        "curation": {"min_margin": 1, "max_pairs_per_item": 2},
+        "training": {"epochs": 1, "batch_size": 4, "max_length": 512, "learning_rate": 1e-4},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) else v
+    return cfg
+
+
+@pytest.fixture
+def loaded_ws(tmp_path, shared_data) -> Path:
+    ws = tmp_path / "ws"
+    cli(ws, "import", demo_data_path(), "--dataset", "demo")
+    cli(ws, "import", str(shared_data / "rewardbench" / "Chat.jsonl"), "--dataset", "chat", "--split", "eval")
+    return ws
+
+
+def test_full_loop_two_iterations_status_and_export(loaded_ws, tiny_model_dir, tmp_path):
+    ws = loaded_ws
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_model_dir)))
+    t0 = time.monotonic()
+    cli(ws, "run", str(cfg_path), "--run-id", "tiny")
+    elapsed = time.monotonic() - t0
+
+    status = json.loads(cli(ws, "status", "tiny", "--json").output)
+    assert status["id"] == "tiny" and status["status"] == "done"
+    assert [it["index"] for it in status["iterations"]] == [0, 1, 2]
+    seed, it1, it2 = status["iterations"]
+    # Seed: evaluation only (6 demo items x 1 + 6 chat items x 2 sides).
+    assert seed["train_judgments"] == 0 and seed["eval_judgments"] == 6 + 12
+    for it in (it1, it2):
+        assert it["train_judgments"] == 8 * 3  # n x items, nothing lost or duplicated
+        assert it["stages"] == {"sample": "done", "curate": "done", "train": "done", "evaluate": "done"}
+        assert sum(it["pairs"].values()) > 0 and it["pairs"]["auto"] == sum(it["pairs"].values())
+        assert Path(it["checkpoint"], "selfrat_checkpoint.json").is_file()
+    for it in status["iterations"]:
+        assert set(it["metrics"]) == {"demo", "chat"}
+        assert {"pearson", "spearman", "kendall", "exact", "within1", "parse_failure_rate"} <= set(it["metrics"]["demo"])
+        assert {"accuracy", "ties", "n"} <= set(it["metrics"]["chat"])
+        assert it["metrics"]["chat"]["n"] == 6
+    # Iteration 2 samples with iteration 1's checkpoint: the lineage is stored.
+    assert it2["sampler_model"] == it1["checkpoint"]
+    assert seed["checkpoint"] == str(tiny_model_dir.resolve())
+
+    store = Store.in_workspace(ws)
+    judgments = store.judgments("tiny", 1, "train")
+    assert judgments.select("item_id", "sample_index").unique().height == judgments.height
+    assert judgments["score"].is_between(1, 5).all()  # forced scores keep a tiny model usable
+    assert judgments.select(["p1", "p2", "p3", "p4", "p5"]).sum_horizontal().is_between(0.999, 1.001).all()
+
+    out = tmp_path / "export"
+    cli(ws, "export", "tiny", "--iteration", "1", "--out", str(out))
+    lines = [json.loads(l) for l in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(lines) == it1["pairs"]["auto"]
+    first = lines[0]
+    assert first["prompt"][0]["role"] == "system" and first["chosen"][0]["role"] == "assistant"
+    assert {"item_id", "chosen_score", "rejected_score", "gold_score", "strategy", "status"} <= set(first)
+    assert first["chosen_score"] == round(first["gold_score"]) != first["rejected_score"]
+    import datasets
+
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert ds.num_rows == len(lines) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    assert elapsed < 120, f"the tiny loop took {elapsed:.0f} s"
+
+
+def test_rerunning_a_finished_stage_changes_nothing(loaded_ws, tiny_model_dir, tmp_path):
+    ws = loaded_ws
+    cfg = tiny_config(tiny_model_dir, iterations=1, eval_datasets=["demo"])
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cli(ws, "run", str(cfg_path), "--run-id", "once")
+    before = json.loads(cli(ws, "status", "once", "--json").output)
+    for stage in ("sample", "curate", "train"):
+        out = cli(ws, stage, "--run", "once", "--iteration", "1")
+    cli(ws, "resume", "once")
+    after = json.loads(cli(ws, "status", "once", "--json").output)
+    for b, a in zip(before["iterations"], after["iterations"]):
+        assert (b["judgments"], b["pairs"], b["checkpoint"], b["metrics"]) == (a["judgments"], a["pairs"], a["checkpoint"], a["metrics"])
+    log = (ws / "runs" / "once" / "run.log").read_text()
+    assert "[iter 1] sample: already done" in log and "[iter 1] train: already done" in log
+
+
+def test_resume_after_sigkill_during_sampling(loaded_ws, tiny_model_dir, tmp_path):
+    ws = loaded_ws
+    n, items = 3, 24
+    cfg = tiny_config(tiny_model_dir, iterations=1, eval_datasets=["demo"], max_train_items=items,
+                      sampling={"n": n, "batch_size": 1, "max_new_tokens": 48})
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "SELFRAT_HOME": str(ws)}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg_path), "--run-id", "killed"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = Store.in_workspace(ws)
+    deadline = time.monotonic() + 180
+    written = 0
+    try:
+        while time.monotonic() < deadline:  # `status` reads while the job writes
+            time.sleep(0.3)
+            try:
+                its = store.run_status("killed")["iterations"]
+            except Exception:  # the run row may not exist yet
+                continue
+            written = its[1]["train_judgments"] if len(its) > 1 else 0
+            if n * 3 <= written < n * items:
+                break
+        assert n * 3 <= written < n * items, f"never caught sampling half-way (saw {written})"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert store.run("killed")["status"] == "running"  # killed hard: nothing got to mark it
+    cli(ws, "resume", "killed")
+    judgments = store.judgments("killed", 1, "train")
+    assert judgments.height == n * items
+    assert judgments.select("item_id", "sample_index").unique().height == n * items
+    assert store.run_status("killed")["status"] == "done"
+
+
+def test_config_errors_name_the_field(loaded_ws, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": "embedded", "train_dataset": "demo", "sampling": {"n": 0, "temprature": 1}}))
+    res = cli(loaded_ws, "run", str(bad), ok=False)
+    assert res.exit_code == 2
+    assert "sampling.temprature: unknown key" in res.output and "sampling.n" in res.output
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"model": "embedded", "train_dataset": "nope"}))
+    res = cli(loaded_ws, "run", str(missing), ok=False)
+    assert res.exit_code == 2 and "no dataset 'nope'" in res.output
+    res = cli(loaded_ws, "run", str(tmp_path / "absent.yaml"), ok=False)
+    assert res.exit_code == 2 and "absent.yaml" in res.output
+
+
+def test_import_reports_bad_rows_and_is_idempotent(tmp_path):
+    ws = tmp_path / "ws"
+    bad = tmp_path / "bad.jsonl"
+    good = {"instruction": "Say hi", "response": "hi", "gold_score": 5, "criteria": "Is it a greeting?",
+            **{f"score{k}_description": f"level {k}" for k in range(1, 6)}}
+    bad.write_text("\n".join([json.dumps(good), json.dumps({**good, "response": "x", "gold_score": 9}), "{not json"]) + "\n")
+    res = cli(ws, "import", str(bad), "--dataset", "b", ok=False)
+    assert res.exit_code == 2 and "row 2" in res.output and "row 3" in res.output
+    assert Store.in_workspace(ws).datasets().height == 0  # nothing half-written
+    res = cli(ws, "import", str(bad), "--dataset", "b", "--skip-invalid")
+    assert "1 items imported" in res.output and "skipped row 2" in res.output
+    res = cli(ws, "import", str(bad), "--dataset", "b", "--skip-invalid")
+    assert "0 items imported, 1 already present" in res.output
+    listing = json.loads(cli(ws, "datasets", "--json").output)
+    assert listing["datasets"][0]["items"] == 1
