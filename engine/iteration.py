@@ -171,12 +171,13 @@ class Runner:
             return self.store.iteration(self.run_id, k)["curate_report"] or {}
 
         def work():
-            judgments, golds = self.store.curation_inputs(self.run_id, k, self.cfg.train_dataset)
-            result = curate(judgments, golds, self.cfg.curation, run_id=self.run_id, iteration=k)
-            self.store.save_curation(self.run_id, k, result.pairs, result.report)
-            self.log(f"[iter {k}] curate: {result.report['pairs']} pairs from {result.report['items']} items;"
-                     f" skipped {result.report['skipped']}")
-            return result.report
+            def fn(judgments, golds):
+                result = curate(judgments, golds, self.cfg.curation)
+                return result.pairs, result.report
+            report = self.store.run_curation(self.run_id, k, self.cfg.train_dataset, fn)
+            self.log(f"[iter {k}] curate: {report['pairs']} pairs from {report['items']} items;"
+                     f" skipped {report['skipped']}")
+            return report
         return self._guarded(k, "curate", work)
 
     def train(self, k: int) -> dict:

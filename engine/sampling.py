@@ -23,7 +23,7 @@ Why not ``model.generate``: it can give none of the three things the loop below 
    recorded score position is, under ``force_score``, teacher-forced through " [RESULT] " in the same KV
    cache while the other rows keep generating; if its free text had no valid score, the score is drawn
    from those five probabilities (``forced=True``). A row stops as soon as it writes a score digit after
-   the marker.
+   the marker (so a "[RESULT] 10" would end as "[RESULT] 1"; the prompt asks for an integer 1-5).
 """
 
 from __future__ import annotations

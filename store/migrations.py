@@ -106,24 +106,31 @@ CREATE TABLE judgments (
     created_at        TIMESTAMP NOT NULL DEFAULT current_timestamp
 );
 
+-- What curation produced: immutable, and slim so 100k+ pairs are written in a tenth of a second.
 CREATE TABLE pairs (
-    pair_id          BIGINT NOT NULL,      -- hash of (chosen_id, rejected_id); unique by construction, and
-                                           -- unindexed so curation writes 100k+ pairs in milliseconds
+    pair_id     BIGINT NOT NULL,             -- hash of (chosen_id, rejected_id): unique by construction
+    run_id      VARCHAR NOT NULL,
+    iteration   INTEGER NOT NULL,
+    item_id     BIGINT NOT NULL,
+    chosen_id   BIGINT NOT NULL,
+    rejected_id BIGINT NOT NULL,
+    strategy    VARCHAR NOT NULL,
+    params      VARCHAR,                     -- JSON
+    margin      DOUBLE
+);
+
+-- A human's latest decision on a pair (no row = status auto). Every change is also in audit_log.
+CREATE TABLE pair_reviews (
+    pair_id          BIGINT PRIMARY KEY,
     run_id           VARCHAR NOT NULL,
     iteration        INTEGER NOT NULL,
-    item_id          BIGINT NOT NULL,
-    chosen_id        BIGINT NOT NULL,
-    rejected_id      BIGINT NOT NULL,
-    strategy         VARCHAR NOT NULL,
-    params           VARCHAR,              -- JSON
-    margin           DOUBLE,
-    status           VARCHAR NOT NULL DEFAULT 'auto',  -- auto | accepted | rejected | swapped | edited
-    edited_rationale VARCHAR,              -- chosen side as a human rewrote it (status edited)
+    status           VARCHAR NOT NULL,       -- accepted | rejected | swapped | edited
+    swapped          BOOLEAN NOT NULL DEFAULT false,  -- chosen and rejected exchanged
+    edited_rationale VARCHAR,                -- the chosen side as a human rewrote it
     edited_score     INTEGER,
     note             VARCHAR,
-    updated_by       VARCHAR,
-    updated_at       TIMESTAMP,
-    created_at       TIMESTAMP NOT NULL DEFAULT current_timestamp
+    updated_by       VARCHAR NOT NULL,
+    updated_at       TIMESTAMP NOT NULL
 );
 
 CREATE TABLE evaluations (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,11 @@ def _first(result) -> tuple | None:
     """First row of a result, consuming it (DuckDB 2 refuses new work while a result is half-read)."""
     rows = result.fetchall()
     return rows[0] if rows else None
+
+
+def _sql_str(value: str | None) -> str:
+    """A SQL string literal (for constants spliced into a bulk INSERT ... SELECT)."""
+    return "NULL" if value is None else "'" + str(value).replace("'", "''") + "'"
 
 
 def _now() -> datetime:
@@ -201,31 +206,40 @@ class Store:
         cols = ", ".join(JUDGMENT_COLUMNS)
         with self._tx() as con:
             con.register("new_judgments", frame.to_arrow())
-            n = _first(con.execute(f"INSERT OR IGNORE INTO judgments ({cols}) SELECT {cols} FROM new_judgments"))
+            # An anti-join rather than INSERT OR IGNORE: the latter reorders rows, and curation relies on an
+            # item's samples being stored next to each other (they are written in one batch).
+            n = _first(con.execute(f"INSERT INTO judgments ({cols}) SELECT {cols} FROM new_judgments"
+                                   " WHERE judgment_id NOT IN (SELECT judgment_id FROM judgments)"))
             con.unregister("new_judgments")
         return int(n[0]) if n else 0
 
     def save_curation(self, run_id: str, iteration: int, pairs: pl.DataFrame, report: dict) -> int:
-        """Write an iteration's curated pairs and mark its curate stage done, in one transaction.
-
-        Pairs already stored (same id) are kept as they are, human decisions included, so running the
-        stage again after a crash neither duplicates pairs nor undoes an audit.
-        """
-        cols = ", ".join(PAIR_COLUMNS)
+        """Write an iteration's curated pairs and mark its curate stage done, in one transaction."""
         with self._tx() as con:
-            con.register("new_pairs", pairs.select(PAIR_COLUMNS).to_arrow())
-            sql = f"INSERT INTO pairs ({cols}) SELECT {cols} FROM new_pairs"
-            has_pairs = _first(con.execute("SELECT count(*) FROM pairs WHERE run_id = ? AND iteration = ?",
-                                           [run_id, iteration]))[0]
-            if has_pairs:  # the anti-join only when there is something to skip: the first write stays fast
-                n = _first(con.execute(sql + " WHERE pair_id NOT IN (SELECT pair_id FROM pairs"
-                                       " WHERE run_id = ? AND iteration = ?)", [run_id, iteration]))
-            else:
-                n = _first(con.execute(sql))
-            con.unregister("new_pairs")
-            con.execute(
-                "UPDATE iterations SET curate_status = 'done', curate_report = ?, updated_at = ?"
-                " WHERE run_id = ? AND iteration = ?", [json.dumps(report), _now(), run_id, iteration])
+            return _save_pairs(con, run_id, iteration, pairs, report)
+
+    def run_curation(self, run_id: str, iteration: int, dataset: str,
+                     curate_fn: Callable[[pl.DataFrame, pl.DataFrame], tuple[pl.DataFrame, dict]]) -> dict:
+        """Read the curation inputs, apply `curate_fn(judgments, golds) -> (pairs, report)` and save the
+        pairs, on one connection and in one transaction (a consistent snapshot, one open instead of two)."""
+        with self._tx() as con:
+            judgments, golds = _curation_inputs(con, run_id, iteration, dataset)
+            pairs, report = curate_fn(judgments, golds)
+            _save_pairs(con, run_id, iteration, pairs, report)
+        return report
+
+    def reset_curation(self, run_id: str, iteration: int) -> int:
+        """Drop an iteration's pairs so curation can run again (e.g. with other parameters). Refused once a
+        human has reviewed any of them: their decisions must not vanish with the pairs."""
+        with self._tx() as con:
+            reviewed = _first(con.execute("SELECT count(*) FROM pair_reviews WHERE run_id = ? AND iteration = ?",
+                                          [run_id, iteration]))[0]
+            if reviewed:
+                raise StoreError(f"{reviewed} pairs of {run_id} iteration {iteration} have human reviews;"
+                                 " they are kept, so curation cannot be redone")
+            n = _first(con.execute("DELETE FROM pairs WHERE run_id = ? AND iteration = ?", [run_id, iteration]))
+            con.execute("UPDATE iterations SET curate_status = 'pending', curate_report = NULL, updated_at = ?"
+                        " WHERE run_id = ? AND iteration = ?", [_now(), run_id, iteration])
         return int(n[0]) if n else 0
 
     def put_metrics(self, run_id: str, iteration: int, dataset: str, metrics: dict[str, float]) -> None:
@@ -240,7 +254,7 @@ class Store:
 
         accept / reject set the status; swap exchanges chosen and rejected (swapping a swapped pair back
         leaves it accepted); edit replaces the chosen side's rationale and score (status edited); note
-        only sets the note. Returns the pairs as they are after the action.
+        only sets the note. Returns each pair's review as it is after the action.
         """
         if action not in PAIR_ACTIONS:
             raise StoreError(f"unknown pair action {action!r}; expected one of {PAIR_ACTIONS}")
@@ -252,32 +266,36 @@ class Store:
         if not who or not who.strip():
             raise StoreError("every pair action needs who made it")
         ids = [int(pair_ids)] if isinstance(pair_ids, (int, np.integer)) else [int(p) for p in pair_ids]
-        fields = "pair_id, run_id, iteration, chosen_id, rejected_id, status, edited_rationale, edited_score, note"
+        fields = ["pair_id", "run_id", "iteration", "status", "swapped", "edited_rationale", "edited_score", "note"]
         out = []
         with self._tx() as con:
             for pid in ids:
-                row = _first(con.execute(f"SELECT {fields} FROM pairs WHERE pair_id = ?", [pid]))
+                row = _first(con.execute(
+                    "SELECT p.pair_id, p.run_id, p.iteration, coalesce(r.status, 'auto'), coalesce(r.swapped, false),"
+                    " r.edited_rationale, r.edited_score, r.note FROM pairs p"
+                    " LEFT JOIN pair_reviews r USING (pair_id) WHERE p.pair_id = ?", [pid]))
                 if row is None:
-                    raise StoreError(f"no pair {pid!r}")
-                before = dict(zip([f.strip() for f in fields.split(",")], row))
+                    raise StoreError(f"no pair {pid}")
+                before = dict(zip(fields, row))
                 after = dict(before)
                 if action == "accept":
                     after["status"] = "accepted"
                 elif action == "reject":
                     after["status"] = "rejected"
                 elif action == "swap":
-                    after["chosen_id"], after["rejected_id"] = before["rejected_id"], before["chosen_id"]
-                    after["status"] = "accepted" if before["status"] == "swapped" else "swapped"
+                    after["swapped"] = not before["swapped"]
+                    after["status"] = "swapped" if after["swapped"] else "accepted"
                     after["edited_rationale"], after["edited_score"] = None, None
                 elif action == "edit":
                     after.update(status="edited", edited_rationale=rationale.strip(), edited_score=int(score))
                 if note is not None:
                     after["note"] = note
                 con.execute(
-                    "UPDATE pairs SET chosen_id = ?, rejected_id = ?, status = ?, edited_rationale = ?,"
-                    " edited_score = ?, note = ?, updated_by = ?, updated_at = ? WHERE pair_id = ?",
-                    [after["chosen_id"], after["rejected_id"], after["status"], after["edited_rationale"],
-                     after["edited_score"], after["note"], who, _now(), pid],
+                    "INSERT OR REPLACE INTO pair_reviews (pair_id, run_id, iteration, status, swapped,"
+                    " edited_rationale, edited_score, note, updated_by, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [pid, after["run_id"], after["iteration"], after["status"], after["swapped"],
+                     after["edited_rationale"], after["edited_score"], after["note"], who, _now()],
                 )
                 con.execute(
                     "INSERT INTO audit_log (who, action, pair_id, run_id, iteration, before, after, note)"
@@ -361,21 +379,23 @@ class Store:
         return self._read(sql + " ORDER BY item_id, side, sample_index", params)
 
     def curation_inputs(self, run_id: str, iteration: int, dataset: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """What curation reads, as numeric columns only (1M judgments come back in ~0.1 s).
-
-        Returns (judgments: judgment_id, item_id, sample_index, score, forced of the iteration's training
-        samples; golds: item_id, gold_score of the dataset's items).
-        """
+        """(judgments: judgment_id, item_id, sample_index, score, forced of the iteration's training samples,
+        in storage order; golds: item_id, gold_score of the dataset's items). Numeric columns only."""
         with connect(self.path, self.timeout_s) as con:
-            judgments = con.sql(
-                "SELECT judgment_id, item_id, sample_index, score, forced FROM judgments"
-                " WHERE run_id = ? AND iteration = ? AND purpose = 'train' AND side = 'a'",
-                params=[run_id, iteration]).pl()
-            golds = con.sql("SELECT item_id, gold_score FROM items WHERE dataset = ?", params=[dataset]).pl()
-        return judgments, golds
+            return _curation_inputs(con, run_id, iteration, dataset)
+
+    # A pair as a human left it: its status, and chosen/rejected after any swap.
+    _PAIR_VIEW = (
+        "SELECT p.pair_id, p.run_id, p.iteration, p.item_id, p.strategy, p.params, p.margin,"
+        " coalesce(r.status, 'auto') AS status, coalesce(r.swapped, false) AS swapped,"
+        " CASE WHEN r.swapped THEN p.rejected_id ELSE p.chosen_id END AS chosen_id,"
+        " CASE WHEN r.swapped THEN p.chosen_id ELSE p.rejected_id END AS rejected_id,"
+        " r.edited_rationale, r.edited_score, r.note, r.updated_by, r.updated_at"
+        " FROM pairs p LEFT JOIN pair_reviews r USING (pair_id)"
+    )
 
     def pairs(self, run_id: str, iteration: int, status: str | None = None) -> pl.DataFrame:
-        sql = "SELECT * FROM pairs WHERE run_id = ? AND iteration = ?"
+        sql = f"SELECT * FROM ({self._PAIR_VIEW}) WHERE run_id = ? AND iteration = ?"
         params: list[Any] = [run_id, iteration]
         if status:
             sql += " AND status = ?"
@@ -394,7 +414,7 @@ class Store:
             " c.text AS chosen_text, c.score AS chosen_score, r.text AS rejected_text, r.score AS rejected_score,"
             " i.instruction, i.response, i.reference, i.criteria, i.score1_description, i.score2_description,"
             " i.score3_description, i.score4_description, i.score5_description, i.gold_score"
-            " FROM pairs p JOIN judgments c ON c.judgment_id = p.chosen_id"
+            f" FROM ({self._PAIR_VIEW}) p JOIN judgments c ON c.judgment_id = p.chosen_id"
             " JOIN judgments r ON r.judgment_id = p.rejected_id JOIN items i ON i.item_id = p.item_id"
             f" WHERE p.run_id = ? AND p.iteration = ? AND p.status IN ({statuses}) ORDER BY p.pair_id",
             [run_id, iteration],
@@ -426,7 +446,8 @@ class Store:
             }
             pair_counts: dict[int, dict[str, int]] = {}
             for it, status, n in con.execute(
-                "SELECT iteration, status, count(*) FROM pairs WHERE run_id = ? GROUP BY ALL", [run_id]
+                "SELECT p.iteration, coalesce(r.status, 'auto'), count(*) FROM pairs p"
+                " LEFT JOIN pair_reviews r USING (pair_id) WHERE p.run_id = ? GROUP BY ALL", [run_id]
             ).fetchall():
                 pair_counts.setdefault(it, {})[status] = n
             metric_rows = con.execute(
@@ -461,6 +482,37 @@ class Store:
 
     def all_status(self) -> dict:
         return {"runs": [self.run_status(r) for r in self.runs()["run_id"].to_list()]}
+
+
+def _curation_inputs(con, run_id: str, iteration: int, dataset: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    judgments = con.sql(
+        "SELECT judgment_id, item_id, sample_index, score, forced FROM judgments"
+        " WHERE run_id = ? AND iteration = ? AND purpose = 'train' AND side = 'a'",
+        params=[run_id, iteration]).pl()
+    golds = con.sql("SELECT item_id, gold_score FROM items WHERE dataset = ? ORDER BY item_id", params=[dataset]).pl()
+    return judgments, golds
+
+
+def _save_pairs(con, run_id: str, iteration: int, pairs: pl.DataFrame, report: dict) -> int:
+    """Insert pairs not stored yet (a rerun after a crash neither duplicates pairs nor touches reviews) and
+    mark the curate stage done. `pairs` holds pair_id, item_id, chosen_id, rejected_id, margin; strategy
+    and params come from the report (one value per curation, so they never cross over row by row)."""
+    cols = ", ".join(PAIR_COLUMNS)
+    strategy, params = report.get("strategy", "unknown"), json.dumps(report.get("params", {}))
+    con.register("new_pairs", pairs.select("pair_id", "item_id", "chosen_id", "rejected_id", "margin").to_arrow())
+    sql = (f"INSERT INTO pairs ({cols}) SELECT pair_id, {_sql_str(run_id)}, {int(iteration)}, item_id,"
+           f" chosen_id, rejected_id, {_sql_str(strategy)}, {_sql_str(params)}, margin FROM new_pairs")
+    has_pairs = _first(con.execute("SELECT count(*) FROM pairs WHERE run_id = ? AND iteration = ?",
+                                   [run_id, iteration]))[0]
+    if has_pairs:  # the anti-join only when there is something to skip: the first write stays fast
+        n = _first(con.execute(sql + " WHERE pair_id NOT IN (SELECT pair_id FROM pairs"
+                               " WHERE run_id = ? AND iteration = ?)", [run_id, iteration]))
+    else:
+        n = _first(con.execute(sql))
+    con.unregister("new_pairs")
+    con.execute("UPDATE iterations SET curate_status = 'done', curate_report = ?, updated_at = ?"
+                " WHERE run_id = ? AND iteration = ?", [json.dumps(report), _now(), run_id, iteration])
+    return int(n[0]) if n else 0
 
 
 def default_who() -> str:
