@@ -40,8 +40,10 @@ def demo_config(items: int = 32, n: int = 4, max_new_tokens: int = 96) -> dict:
         "iterations": 1,
         "max_train_items": items,
         "sampling": {"n": n, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": max_new_tokens, "batch_size": 8},
-        "curation": {"strategy": "gold", "min_margin": 1, "max_pairs_per_item": 2},
+        # One pair per item: a DPO step on 4 judge-length pairs costs ~65 s on 2 CPU cores.
+        "curation": {"strategy": "gold", "min_margin": 1, "max_pairs_per_item": 1},
         "training": {"beta": 0.1, "learning_rate": 1e-5, "epochs": 1, "batch_size": 4, "max_length": 768},
+        "evaluation": {"n": 1, "temperature": 0.0, "max_new_tokens": 64},
     }
 
 
@@ -67,6 +69,11 @@ def before_after_table(status: dict) -> str:
             vals = [it["metrics"].get(d, {}).get(m) for it in iters]
             cells = " ".join(f"{'nan' if v is None or v != v else f'{v:.3f}':>9}" for v in vals)
             lines.append(f"{d:<10} {m:<20} {cells}")
-    parsed = [f"{it['parsed']}/{it['judgments']}" for it in iters]
-    lines.append(f"{'':<10} {'parsed judgments':<20} " + " ".join(f"{p:>9}" for p in parsed))
+    counts = {
+        "train judgments": [it["train_judgments"] for it in iters],
+        "pairs": [sum(it["pairs"].values()) for it in iters],
+        "eval judgments": [it["eval_judgments"] for it in iters],
+    }
+    for label, vals in counts.items():
+        lines.append(f"{'':<10} {label:<20} " + " ".join(f"{v:>9}" for v in vals))
     return "\n".join(lines)

@@ -8,10 +8,13 @@ from (base seed, item, side, sample index), so a resumed judgment is drawn with 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from tqdm import tqdm
 
 from engine.sampling import Sampler, SamplingParams, judgment_seed
 from store import Store, judgment_id
@@ -42,6 +45,8 @@ def sample_and_store(
     written = 0
     if progress:
         progress(done, total)
+    bar = tqdm(total=total, initial=done, desc=f"{purpose} judgments (iteration {iteration})", unit="item",
+               disable=not sys.stderr.isatty())
     for indices, reqs in todo.items():
         for start in range(0, len(reqs), batch_size):
             batch = reqs[start:start + batch_size]
@@ -66,6 +71,8 @@ def sample_and_store(
                     })
             written += store.insert_judgments(rows)
             done += len(batch)
+            bar.update(len(batch))
             if progress:
                 progress(done, total)
+    bar.close()
     return written

@@ -184,3 +184,15 @@ def test_import_reports_bad_rows_and_is_idempotent(tmp_path):
     assert "0 items imported, 1 already present" in res.output
     listing = json.loads(cli(ws, "datasets", "--json").output)
     assert listing["datasets"][0]["items"] == 1
+
+
+def test_standalone_evaluate_prints_metrics(loaded_ws, tiny_model_dir):
+    res = cli(loaded_ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--dataset", "chat",
+              "--max-items", "4", "--max-new-tokens", "8", "--json")
+    metrics = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("{")))
+    assert metrics["demo"]["n"] == 4 and metrics["chat"]["n"] == 4
+    assert "pearson" in metrics["demo"] and "accuracy" in metrics["chat"]
+    runs = json.loads(cli(loaded_ws, "status", "--json").output)["runs"]
+    assert [r["kind"] for r in runs] == ["evaluate"]  # kept in the store like any run
+    res = cli(loaded_ws, "evaluate", "--model", "no/such/dir/../x", "--dataset", "demo", ok=False)
+    assert res.exit_code == 2

@@ -144,3 +144,25 @@ def test_run_status_shape(tmp_path):
     assert it["pairs"] == {"auto": 2, "accepted": 0, "rejected": 0, "swapped": 0, "edited": 0}
     assert it["metrics"] == {"d": {"pearson": 0.5}}
     assert store.all_status()["runs"][0]["id"] == "r"
+
+
+def test_reviews_survive_and_block_a_redo_of_curation(tmp_path):
+    store = _store_with_pairs(tmp_path)
+    assert store.reset_curation("r", 1) == 2          # nobody reviewed yet: curation may be redone
+    store = _store_with_pairs(tmp_path / "again")
+    store.apply_pair_action(101, "note", "dana", note="check the reference")
+    row = store.pairs("r", 1).filter(pl.col("pair_id") == 101).row(0, named=True)
+    assert (row["status"], row["note"], row["updated_by"]) == ("auto", "check the reference", "dana")
+    with pytest.raises(StoreError, match="human reviews"):
+        store.reset_curation("r", 1)
+    assert store.pairs("r", 1).height == 2
+
+
+def test_bulk_action_is_all_or_nothing(tmp_path):
+    store = _store_with_pairs(tmp_path)
+    with pytest.raises(StoreError, match="no pair 999"):
+        store.apply_pair_action([100, 999], "accept", "erin")
+    assert store.pairs("r", 1)["status"].to_list() == ["auto", "auto"]
+    assert store.audit_log("r").height == 0
+    store.apply_pair_action([100, 101], "accept", "erin")
+    assert store.pairs("r", 1)["status"].to_list() == ["accepted", "accepted"]
