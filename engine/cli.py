@@ -47,7 +47,8 @@ def _user_errors():
     from engine.importers import ImportFailed
     from store import StoreBusy, StoreError
 
-    return (ConfigError, ImportFailed, StoreError, StoreBusy, FileNotFoundError, ValueError)
+    # NotImplementedError: a backend that is not there yet (vLLM) is a usage error, not a crash.
+    return (ConfigError, ImportFailed, StoreError, StoreBusy, FileNotFoundError, ValueError, NotImplementedError)
 
 
 def _guard(fn):

@@ -18,7 +18,7 @@ from engine.config import RunConfig
 from engine.curation import curate
 from engine.evaluation import dataset_metrics, eval_requests
 from engine.judging import JudgeRequest, sample_and_store
-from engine.models import resolve_model
+from engine.models import EMBEDDED, resolve_model
 from engine.prompts import absolute_messages, format_judgment
 from engine.sampling import Sampler, SamplingParams, make_sampler
 from engine.workspace import RunLog, Workspace
@@ -37,6 +37,8 @@ def create_run(ws: Workspace, cfg: RunConfig, run_id: str | None = None, kind: s
             store.dataset_kind(name)  # raises naming the missing dataset
     if cfg.train_dataset and store.dataset_kind(cfg.train_dataset) != "absolute":
         raise StoreError(f"train_dataset {cfg.train_dataset!r} must hold absolute (gold-scored) items")
+    if cfg.model != EMBEDDED:
+        resolve_model(cfg.model, ws.root)  # a bad path fails now, not after the run is recorded
     run_id = run_id or ws.new_run_id("eval" if kind == "evaluate" else "run")
     run_dir = ws.run_dir(run_id)
     if not store.create_run(run_id, kind, cfg.model_dump(mode="json"), str(run_dir)):
