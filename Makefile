@@ -19,10 +19,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# Prepare the demo (dataset + embedded checkpoint), then open the app: launch the iteration from its Launch page.
 demo: $(STAMP)
-	$(VENV)/bin/selfrat demo
+	$(VENV)/bin/selfrat demo --prepare-only
+	$(VENV)/bin/selfrat app
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -31,6 +33,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/curation_scale.py
 	$(PY) bench/sampling.py
+
+# Headless Chromium + its driver for tests/test_browser_e2e.py (Debian packages; skipped when already there).
+.PHONY: browser
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
 
 clean:
 	rm -rf $(VENV) .selfrat .pytest_cache

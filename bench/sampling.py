@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     workspace = Path(os.environ.get("SELFRAT_HOME", ".selfrat"))
     path = resolve_model(args.model, workspace)
     sampler = TransformersSampler(path, device=args.device)
-    model, tok = sampler.model, sampler.tokenizer
+    model = sampler.model
     prompts = [absolute_messages(ITEMS[i % len(ITEMS)]) for i in range(args.prompts)]
     seeds = [[judgment_seed(args.seed, f"bench-{i}", j) for j in range(args.n)] for i in range(args.prompts)]
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)

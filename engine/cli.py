@@ -13,6 +13,8 @@ Each command validates its input, calls one engine function and returns an exit 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -53,15 +55,18 @@ def _user_errors():
 
 def _guard(fn):
     """Run a command body, turning expected failures into a one-line error and exit code."""
-    from engine.iteration import Cancelled
-
     try:
         return fn()
-    except Cancelled:
-        typer.echo("cancelled", err=True)
-        raise typer.Exit(130)
     except _user_errors() as e:
         _fail(str(e))
+    except Exception as e:
+        # Only a runner raises Cancelled, and it imported engine.iteration (torch) to do so: light commands
+        # (`status`, polled by scripts while a job runs) must not pay for that import.
+        iteration = sys.modules.get("engine.iteration")
+        if iteration is not None and isinstance(e, iteration.Cancelled):
+            typer.echo("cancelled", err=True)
+            raise typer.Exit(130)
+        raise
 
 
 def _parse_map(pairs: list[str]) -> dict[str, str]:
@@ -145,15 +150,52 @@ def run(
 
 
 @app.command()
-def resume(run_id: str) -> None:
-    """Continue a stopped or failed run from where its stored rows end."""
+def resume(
+    run_id: str,
+    iterations: Annotated[Optional[int], typer.Option(
+        "--iterations", min=0, help="Run up to iteration K (never below the iterations already done).")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="New sampling/curation/training/evaluation (and iterations) for the iterations not yet "
+                         "done; the rest (model, train_dataset, eval_datasets, item caps) must stay the same.")] = None,
+) -> None:
+    """Continue a stopped or failed run from where its stored rows end; optionally run more iterations."""
     def body():
+        from engine import jobs
         from engine.iteration import Runner
 
         ws = _ws()
+        job = jobs.current(ws.root, run_id)
+        if job is not None and job.pid != os.getpid():
+            _fail(f"run {run_id} is running as job pid {job.pid}; cancel it first")
+        if iterations is not None or config is not None:
+            _amend_run(ws, run_id, iterations, config)
         Runner(ws, run_id).run_all()
         _print_status(ws.store().run_status(run_id))
     _guard(body)
+
+
+def _amend_run(ws, run_id: str, iterations: int | None, config: Path | None) -> None:
+    """Write a run's new config (store and run dir) before the runner reads it, and log what changed."""
+    import yaml
+
+    from engine import jobs
+    from engine.config import load_run_config
+    from engine.workspace import RunLog
+
+    store = ws.store()
+    run = store.run(run_id)
+    old = run["config"]
+    new = jobs.amend_config(old, load_run_config(config) if config else None, iterations,
+                            jobs.done_iterations(store, run_id)).model_dump(mode="json")
+    if new == old:
+        return
+    store.update_run_config(run_id, new)
+    run_dir = Path(run["run_dir"] or ws.run_dir(run_id))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(new, sort_keys=False))
+    changes = [f"{k}: {old.get(k)} -> {new[k]}" for k in new if new[k] != old.get(k)]
+    RunLog(run_dir, echo=False)(f"config updated{' from ' + str(config) if config else ''}; "
+                                + "; ".join(changes))
 
 
 def _stage_command(stage: str):
@@ -282,13 +324,46 @@ def demo(
     n: Annotated[int, typer.Option(help="Judgments per item.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 96,
     run_id: Annotated[Optional[str], typer.Option("--run-id")] = None,
+    prepare_only: Annotated[bool, typer.Option(
+        "--prepare-only", help="Import the demo dataset and build the embedded checkpoint; run nothing "
+                               "(then launch the iteration from the app's Launch page).")] = False,
 ) -> None:
     """Import the demo dataset and run one iteration on the embedded judge, printing before/after."""
     def body():
-        from engine.demo import run_demo
+        from engine.demo import prepare_demo, run_demo
 
-        run_demo(_ws(), items=items, n=n, max_new_tokens=max_new_tokens, run_id=run_id, echo=typer.echo)
+        if prepare_only:
+            prepare_demo(_ws(), echo=typer.echo)
+        else:
+            run_demo(_ws(), items=items, n=n, max_new_tokens=max_new_tokens, run_id=run_id, echo=typer.echo)
     _guard(body)
+
+
+@app.command("app")
+def serve(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8501,
+    workspace: Annotated[Optional[Path], typer.Option(
+        "--workspace", "-w", help="Workspace dir (default: the global --workspace, $SELFRAT_HOME, ./.selfrat).")] = None,
+) -> None:
+    """Start the Streamlit app on 127.0.0.1 (Ctrl-C stops it)."""
+    import engine
+    import ui
+    from engine.workspace import Workspace
+
+    app_py = Path(ui.__file__).resolve().parent / "app.py"
+    if not app_py.is_file():
+        _fail(f"the app is not installed: {app_py} is missing")
+    # Absolute: the app may run from another cwd, and it reads its workspace from SELFRAT_HOME.
+    root = Workspace.open(workspace or _state.get("workspace")).root.resolve()
+    argv = [sys.executable, "-m", "streamlit", "run", str(app_py), "--server.address", "127.0.0.1",
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    repo = Path(engine.__file__).resolve().parents[1]
+    if (repo / ".streamlit" / "config.toml").is_file():
+        os.chdir(repo)  # streamlit reads .streamlit/config.toml (the theme) from the cwd
+    typer.echo(f"selfrat app on http://127.0.0.1:{port} (workspace {root})")
+    sys.stdout.flush()
+    # Replace this process: Ctrl-C and signals reach streamlit itself, with no parent left behind.
+    os.execvpe(argv[0], argv, {**os.environ, "SELFRAT_HOME": str(root)})
 
 
 def main() -> None:

@@ -6,11 +6,16 @@ rejected everywhere (`extra="forbid"`) so a typo in a YAML file fails loudly ins
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+# A Hugging Face hub id ("org/name"); kept here, in a light module, for the CLI, the engine and the app.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class _Strict(BaseModel):

@@ -137,6 +137,16 @@ def curate(judgments: pl.DataFrame, golds: pl.DataFrame, cfg: CurationConfig) ->
     return CurationResult(pairs=pairs, report=report)
 
 
+def preview(store, run_id: str, iteration: int, cfg: CurationConfig) -> dict:
+    """The report `curate` would write for an iteration's sampled judgments under `cfg`, writing nothing
+    (the app's what-if preview). `store` is a `store.Store`; the dataset is the run's train_dataset."""
+    dataset = store.run(run_id)["config"].get("train_dataset")
+    if not dataset:
+        raise ValueError(f"run {run_id!r} has no train_dataset: there is nothing to curate")
+    judgments, golds = store.curation_inputs(run_id, iteration, dataset)
+    return curate(judgments, golds, cfg).report
+
+
 def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """values[keys == w] for each w in wanted (NaN where absent), by binary search."""
     if np.any(keys[1:] < keys[:-1]):  # the store hands them sorted; anyone else may not

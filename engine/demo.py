@@ -47,6 +47,18 @@ def demo_config(items: int = 32, n: int = 4, max_new_tokens: int = 96) -> dict:
     }
 
 
+def prepare_demo(ws: Workspace, echo: Callable[[str], None] = print) -> str:
+    """Everything the demo needs before its first launch: the dataset and the embedded checkpoint (built
+    once, ~30 s), so the app's Launch page starts sampling at once. Returns the checkpoint path."""
+    from engine.models import EMBEDDED, resolve_model  # torch: only here, demo_config() stays light
+
+    ensure_demo_dataset(ws)
+    echo(f"demo dataset {DEMO_DATASET!r} ready in {ws.root}")
+    path = resolve_model(EMBEDDED, ws.root)
+    echo(f"embedded judge ready: {path}")
+    return path
+
+
 def run_demo(ws: Workspace, *, items: int = 32, n: int = 4, max_new_tokens: int = 96, run_id: str | None = None,
              echo: Callable[[str], None] = print) -> dict:
     from engine.iteration import Runner, create_run

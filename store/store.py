@@ -165,6 +165,15 @@ class Store:
         with self._tx() as con:
             con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*params, run_id])
 
+    def update_run_config(self, run_id: str, config: dict) -> None:
+        """Replace a run's stored config (`selfrat resume --iterations/--config`); the caller decides which
+        fields may change. Stages already done keep their results: only later work reads the new config."""
+        with self._tx() as con:
+            if not _first(con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id])):
+                raise StoreError(f"no run {run_id!r} in this workspace")
+            con.execute("UPDATE runs SET config = ?, updated_at = ? WHERE run_id = ?",
+                        [json.dumps(config), _now(), run_id])
+
     def ensure_iteration(self, run_id: str, iteration: int, sampler_model: str | None = None) -> None:
         with self._tx() as con:
             con.execute(

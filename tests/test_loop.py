@@ -111,7 +111,7 @@ def test_rerunning_a_finished_stage_changes_nothing(loaded_ws, tiny_model_dir, t
     cli(ws, "run", str(cfg_path), "--run-id", "once")
     before = json.loads(cli(ws, "status", "once", "--json").output)
     for stage in ("sample", "curate", "train"):
-        out = cli(ws, stage, "--run", "once", "--iteration", "1")
+        cli(ws, stage, "--run", "once", "--iteration", "1")
     cli(ws, "resume", "once")
     after = json.loads(cli(ws, "status", "once", "--json").output)
     for b, a in zip(before["iterations"], after["iterations"]):

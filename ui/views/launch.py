@@ -1,0 +1,260 @@
+"""Launch: a new run, or the next iteration of a selected run, started as a separate `selfrat` process.
+
+Like LLaMA-Factory's runner, in fixed steps: read the form, validate it with `RunConfig` (each bad field
+named, nothing launched on error), show the exact command, then `engine.jobs` starts the CLI. Above the
+launch button, a what-if preview runs the form's curation settings on the selected run's latest sampled
+iteration (writing nothing).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import plotly.express as px
+import polars as pl
+import streamlit as st
+from pydantic import ValidationError
+
+from engine import jobs
+from engine.config import HUB_ID, ConfigError, CurationConfig, RunConfig, SamplingConfig, TrainingConfig
+from engine.curation import preview
+from engine.demo import demo_config
+from store import Store, StoreError, queries
+from ui import components, state
+
+EMBEDDED = "embedded"
+MODEL_SOURCES = ("embedded", "workspace checkpoint", "hub id")
+# Same rule as engine.models (not imported: it pulls in torch): org/name, no leading '.' or '-'.
+LAUNCHED_KEY = "launched_run"
+
+st.title("Launch")
+ws = state.workspace_path()
+
+
+def checkpoints() -> list[str]:
+    """Checkpoint dirs the workspace's runs trained (runs/<id>/checkpoints/iter-k holding a config.json)."""
+    found = [p for p in ws.glob("runs/*/checkpoints/iter-*") if (p / "config.json").is_file()]
+    return [str(p.relative_to(ws)) for p in sorted(found)]
+
+
+def model_spec(source: str, picked: str | None, typed: str) -> tuple[str | None, str | None]:
+    """(model value for RunConfig, error)."""
+    if source == "embedded":
+        return EMBEDDED, None
+    if source == "workspace checkpoint":
+        if not picked:
+            return None, "model: this workspace has no trained checkpoint yet; pick embedded or a hub id"
+        path = (ws / picked).resolve()
+        if not path.is_relative_to(ws) or not path.is_dir():  # only what the list offered: inside the workspace
+            return None, f"model: {picked!r} is not a checkpoint directory inside the workspace"
+        return str(path), None
+    typed = (typed or "").strip()
+    if typed == EMBEDDED or HUB_ID.match(typed):
+        return typed, None
+    return None, f"model: {typed!r} is neither 'embedded' nor a hub id like org/name"
+
+
+def field_errors(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        out.append(f"{where}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
+    return out
+
+
+# ------------------------------------------------------------------ mode and the selected run
+
+run_ids = state.cached(queries.runs_overview)["run_id"].to_list()
+selected = state.run_picker() if run_ids else None
+# Stable option values (the run's name only in the label), so picking another run keeps the mode.
+modes = ["new", "next"] if selected else ["new"]
+mode = st.radio("Launch", modes, horizontal=True, key="l_mode",
+                format_func=lambda m: "New run" if m == "new" else f"Next iteration of {selected}")
+next_mode = mode == "next"
+
+datasets = state.cached(Store.datasets)
+absolute_train = datasets.filter((pl.col("kind") == "absolute") & (pl.col("train") > 0))["name"].to_list()
+all_names = datasets["name"].to_list()
+
+if next_mode:
+    stored = state.cached(Store.run, selected)["config"]
+    base = dict(stored)
+    prefix = f"next_{selected}"
+else:
+    base = demo_config()
+    base["train_dataset"] = base["train_dataset"] if base["train_dataset"] in absolute_train else (
+        absolute_train[0] if absolute_train else None)
+    base["eval_datasets"] = [d for d in base["eval_datasets"] if d in all_names]
+    prefix = "new"
+# Typed defaults for the widgets, section by section (a new run may not have a train dataset to validate yet).
+samp = SamplingConfig.model_validate(base.get("sampling") or {})
+cur_default = CurationConfig.model_validate(base.get("curation") or {})
+trn = TrainingConfig.model_validate(base.get("training") or {})
+if st.session_state.get("l_run_id_default") is None:
+    st.session_state["l_run_id_default"] = state.workspace().new_run_id("run")
+
+
+def k(name: str) -> str:
+    # Widget keys per mode/run, so the form pre-fills from the right config when either changes.
+    return f"l_{prefix}_{name}"
+
+
+# ------------------------------------------------------------------ the form
+
+with st.form("launch_form"):
+    if next_mode:
+        st.markdown(f"Continue **{selected}** (model `{stored['model']}`, train `{stored.get('train_dataset')}`,"
+                    f" eval {stored.get('eval_datasets')}): model and datasets stay; the settings below apply"
+                    " to the iterations still to run.")
+        run_id = selected
+    else:
+        c = st.columns([1, 1, 2])
+        run_id = c[0].text_input("Run id", value=st.session_state["l_run_id_default"], key=k("run_id"))
+        source = c[1].radio("Model", MODEL_SOURCES, key=k("model_source"))
+        ckpts = checkpoints()
+        with c[2]:
+            picked = st.selectbox("Workspace checkpoint", ckpts, key=k("checkpoint"),
+                                  placeholder="no checkpoints yet" if not ckpts else "pick one")
+            typed = st.text_input("Hub id", key=k("hub_id"), placeholder="org/name")
+        c = st.columns(4)
+        train_dataset = c[0].selectbox("Train dataset", absolute_train, key=k("train_dataset"),
+                                       index=absolute_train.index(base["train_dataset"])
+                                       if base.get("train_dataset") in absolute_train else None)
+        eval_datasets = c[1].multiselect("Eval datasets", all_names, default=base["eval_datasets"],
+                                         key=k("eval_datasets"))
+        max_train = c[2].number_input("Train items (0 = all)", value=int(base.get("max_train_items") or 0),
+                                      step=1, key=k("max_train"))
+        max_eval = c[3].number_input("Eval items per dataset (0 = all)",
+                                     value=int(base.get("max_eval_items") or 0), step=1, key=k("max_eval"))
+
+    st.markdown("**Sampling**")
+    c = st.columns(5)
+    n = c[0].number_input("N per item", value=samp.n, step=1, key=k("n"))
+    temperature = c[1].number_input("Temperature", value=float(samp.temperature), step=0.1,
+                                    key=k("temperature"))
+    top_p = c[2].number_input("Top p", value=float(samp.top_p), step=0.05, key=k("top_p"))
+    max_new_tokens = c[3].number_input("Max new tokens", value=samp.max_new_tokens, step=16,
+                                       key=k("max_new_tokens"))
+    force_score = c[4].checkbox("Force a score", value=samp.force_score is not False,
+                                key=k("force_score"), help="Close a rationale without a score with ' [RESULT] '"
+                                " and draw the score from the model's 1-5 distribution.")
+    st.markdown("**Curation**")
+    c = st.columns(3)
+    strategies = list(CurationConfig.model_fields["strategy"].annotation.__args__)
+    strategy = c[0].selectbox("Strategy", strategies, index=strategies.index(cur_default.strategy),
+                              key=k("strategy"))
+    min_margin = c[1].number_input("Min margin", value=cur_default.min_margin, step=1, key=k("min_margin"))
+    max_pairs = c[2].number_input("Max pairs per item", value=cur_default.max_pairs_per_item, step=1,
+                                  key=k("max_pairs"))
+    st.markdown("**DPO training**")
+    c = st.columns(5)
+    beta = c[0].number_input("Beta", value=float(trn.beta), step=0.05, format="%.3f", key=k("beta"))
+    lr = c[1].number_input("Learning rate", value=float(trn.learning_rate), format="%.2e",
+                           step=1e-6, key=k("lr"))
+    epochs = c[2].number_input("Epochs", value=float(trn.epochs), step=1.0, key=k("epochs"))
+    lora = c[3].checkbox("LoRA", value=trn.lora, key=k("lora"))
+    iterations = None if next_mode else c[4].number_input("Iterations", value=int(base.get("iterations", 1)), step=1,
+                                                            key=k("iterations"))
+    b = st.columns([1, 1, 4])
+    b[0].form_submit_button("Check")
+    launch_clicked = b[1].form_submit_button("Launch", type="primary")
+
+# ------------------------------------------------------------------ validate
+
+errors: list[str] = []
+raw = {**base}
+raw["sampling"] = {**base.get("sampling", {}), "n": n, "temperature": temperature, "top_p": top_p,
+                   "max_new_tokens": max_new_tokens, "force_score": force_score}
+raw["curation"] = {**base.get("curation", {}), "strategy": strategy, "min_margin": min_margin,
+                   "max_pairs_per_item": max_pairs}
+raw["training"] = {**base.get("training", {}), "beta": beta, "learning_rate": lr, "epochs": epochs, "lora": lora}
+if not next_mode:
+    model, model_error = model_spec(source, picked, typed)
+    if model_error:
+        errors.append(model_error)
+    raw.update(model=model or EMBEDDED, train_dataset=train_dataset, eval_datasets=eval_datasets,
+               iterations=iterations, max_train_items=int(max_train) or None, max_eval_items=int(max_eval) or None)
+    try:
+        jobs.check_run_id(run_id)
+        if run_id in run_ids:
+            errors.append(f"run id: {run_id!r} exists already; pick it above to continue it instead")
+    except ConfigError as e:
+        errors.append(str(e))
+cfg = None
+try:
+    cfg = RunConfig.model_validate(raw)
+except ValidationError as e:
+    errors += field_errors(e)
+
+if next_mode:
+    nxt = jobs.done_iterations(state.store(), selected) + 1
+    # The arguments jobs.launch_next_iteration / jobs.launch_run build (config files under configs/).
+    args = ["resume", selected, "--iterations", str(nxt),
+            "--config", str(ws / "configs" / f"{selected}-iter{nxt}.yaml")]
+else:
+    args = ["run", str(ws / "configs" / f"{run_id}.yaml"), "--run-id", run_id]
+
+if errors:
+    st.error("Fix these before launching:\n\n" + "\n".join(f"- {e}" for e in errors))
+else:
+    st.caption("The Launch button runs:")
+    st.code(shlex.join(jobs.command(ws, args)), language="bash")
+
+if launch_clicked:
+    if errors or cfg is None:
+        st.warning("Nothing was launched.")
+    else:
+        try:
+            job = jobs.launch_next_iteration(ws, selected, cfg) if next_mode else jobs.launch_run(ws, cfg, run_id)
+        except jobs.JobRunning as e:
+            st.error(str(e))
+        except (StoreError, ConfigError, ValueError) as e:
+            st.error(f"Not launched: {e}")
+        else:
+            st.session_state[LAUNCHED_KEY] = job.run_id
+            st.session_state[state.RUN_KEY] = job.run_id
+            st.session_state["l_run_id_default"] = None  # a fresh id for the next new run
+            state.clear()
+            st.success(f"Started {job.run_id} (pid {job.pid}).")
+
+# ------------------------------------------------------------------ what-if curation preview
+
+st.subheader("Curation preview")
+sampled = []
+if selected:
+    table = state.cached(queries.iterations_table, selected)
+    sampled = table.filter((pl.col("iteration") > 0) & (pl.col("sample_status") == "done"))["iteration"].to_list()
+if not sampled:
+    st.caption("Select a run with a sampled iteration to preview these curation settings on its judgments.")
+else:
+    it = max(sampled)
+    try:
+        cur = CurationConfig.model_validate(raw["curation"])
+        report = state.cached(preview, selected, it, cur)
+    except (ValidationError, ValueError) as e:
+        st.caption(f"No preview: {e}")
+    else:
+        st.caption(f"These settings on {selected}, iteration {it}: {report['judgments']} judgments"
+                   f" of {report['items']} items.")
+        c = st.columns(2 + len(report["skipped"]))
+        c[0].metric("Pairs", report["pairs"])
+        c[1].metric("Items with pairs", report["items_with_pairs"])
+        for col, (reason, count) in zip(c[2:], report["skipped"].items()):
+            col.metric(f"skipped: {reason.replace('_', ' ')}", count)
+        left, right = st.columns(2)
+        gaps = pl.DataFrame({"gap": list(report["margin_hist"]), "pairs": list(report["margin_hist"].values())})
+        left.plotly_chart(px.bar(gaps, x="gap", y="pairs", title="|rejected score - gold| per pair"),
+                          key="preview_margin_hist")
+        chosen = pl.DataFrame({"score": list(report["chosen_score_hist"]),
+                               "pairs": list(report["chosen_score_hist"].values())})
+        right.plotly_chart(px.bar(chosen, x="score", y="pairs", title="Chosen score per pair"),
+                           key="preview_chosen_hist")
+
+# ------------------------------------------------------------------ the job
+
+st.subheader("Job")
+job_run = st.session_state.get(LAUNCHED_KEY) or selected
+if job_run:
+    components.job_panel(job_run)
+else:
+    st.caption("No run selected.")

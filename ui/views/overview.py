@@ -1,0 +1,75 @@
+"""Overview: every run, the selected run's iterations and stage status, eval metrics over iterations,
+parse failures, pair counts by review status, and the running job."""
+
+from __future__ import annotations
+
+import plotly.express as px
+import polars as pl
+import streamlit as st
+
+from store import queries
+from ui import components, state
+
+METRICS = ("pearson", "spearman", "kendall", "exact", "within1", "accuracy", "parse_failure_rate")
+
+st.title("Overview")
+
+runs = state.cached(queries.runs_overview)
+st.subheader("Runs")
+if runs.height == 0:
+    st.info("No runs yet. Import data (`selfrat import ...`) and start one on the Launch page.")
+    st.stop()
+st.dataframe(runs, hide_index=True, key="runs_table")
+
+run_id = state.run_picker()
+if run_id is None:
+    st.stop()
+
+st.subheader(f"Iterations of {run_id}")
+iters = state.cached(queries.iterations_table, run_id)
+if iters.height:
+    shown = iters.with_columns((1 - pl.col("parse_rate")).alias("parse_failure_rate"))
+    st.dataframe(shown.drop("parse_rate"), hide_index=True, key="iterations_table",
+                 column_config={"parse_failure_rate": st.column_config.NumberColumn(format="%.3f")})
+else:
+    st.caption("No iteration has started yet.")
+
+components.job_panel(run_id)
+
+st.subheader("Evaluation metrics over iterations")
+st.caption("Iteration 0 is the seed judge, before any training.")
+metrics = state.cached(queries.metrics_long, run_id)
+if metrics.height == 0:
+    st.caption("No evaluation metrics yet.")
+else:
+    available = sorted(set(metrics["metric"].to_list()))
+    default = [m for m in METRICS if m in available] or available[:3]
+    picked = st.multiselect("Metrics", available, default=default, key="overview_metrics")
+    datasets = sorted(set(metrics["dataset"].to_list()))
+    cols = st.columns(min(len(datasets), 2) or 1)
+    for i, name in enumerate(datasets):
+        data = metrics.filter((pl.col("dataset") == name) & pl.col("metric").is_in(picked)).sort("iteration")
+        fig = px.line(data, x="iteration", y="value", color="metric", markers=True, title=name)
+        fig.update_xaxes(dtick=1)
+        cols[i % len(cols)].plotly_chart(fig, key=f"metrics_{name}")
+
+if iters.height:
+    st.subheader("Parse failures")
+    rate = iters.filter(pl.col("parse_rate").is_not_null()).with_columns(
+        (1 - pl.col("parse_rate")).alias("parse_failure_rate"))
+    if rate.height:
+        fig = px.bar(rate, x="iteration", y="parse_failure_rate", range_y=[0, 1],
+                     title="Share of judgments without a parsed score (all purposes)")
+        fig.update_xaxes(dtick=1)
+        st.plotly_chart(fig, key="parse_failures")
+
+st.subheader("Pairs by review status")
+counts = state.cached(queries.pair_counts, run_id)
+if counts.height == 0:
+    st.caption("No curated pairs yet.")
+else:
+    wide = counts.pivot(on="status", index="iteration", values="n").sort("iteration")
+    st.dataframe(wide, hide_index=True, key="pair_counts_table")
+    fig = px.bar(counts, x="iteration", y="n", color="status", barmode="stack")
+    fig.update_xaxes(dtick=1)
+    st.plotly_chart(fig, key="pair_counts_chart")
