@@ -1,2 +1,2 @@
-"""The Streamlit app (browse judgments, audit pairs, launch iterations) lands with the app issue; until then
-`selfrat demo` and the CLI are the way in. The app reads through `store` and starts work through the CLI."""
+"""The Streamlit app (`selfrat app`): ui/app.py routes to the pages in ui/views/. It reads through
+`store.queries` and starts work as separate `selfrat` processes through `engine.jobs`."""
