@@ -131,6 +131,7 @@ class Runner:
             return False
         self.store.set_stage(self.run_id, iteration, stage, "running")
         self.log(f"[iter {iteration}] {stage}: start")
+        self.log.progress(iteration, stage, 0, 0, echo=False)  # the job panel shows the new stage at once
         return True
 
     def _guarded(self, iteration: int, stage: str, fn):
@@ -208,7 +209,8 @@ class Runner:
             self.log(f"[iter {k}] train: DPO on {len(pairs)} pairs (policy {policy}, reference {reference})")
             self._samplers.clear()  # free the sampler's model before training
             metrics = train_dpo(policy_path=policy, reference_path=reference, pairs=pairs, cfg=self.cfg.training,
-                                out_dir=out_dir, device=self.cfg.sampling.device, log=self.log)
+                                out_dir=out_dir, device=self.cfg.sampling.device, log=self.log,
+                                progress=lambda d, t: self.log.progress(k, "train", d, t, echo=False))
             metrics = {**metrics, "train/pairs": len(pairs)}
             self.store.set_stage(self.run_id, k, "train", "done", checkpoint=str(out_dir), report=metrics)
             return metrics

@@ -135,6 +135,7 @@ def train_dpo(
     out_dir: Path,
     device: str = "auto",
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Train `policy_path` with DPO on `pairs` and save a full checkpoint to `out_dir`.
 
@@ -148,6 +149,7 @@ def train_dpo(
             and its stored metrics are returned.
         device: auto (cuda if available), cpu or cuda.
         log: receives one line per optimizer step ("step 3/8 loss=0.6931 margin=0.0012").
+        progress: receives (steps done, total steps) at the start and after each logged step.
 
     Returns:
         TRL's step metrics averaged over the run, as `train/loss`, `train/rewards/{chosen,rejected,
@@ -221,7 +223,13 @@ def train_dpo(
         )
 
     class _LineLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if progress:
+                progress(0, state.max_steps)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if progress:
+                progress(state.global_step, state.max_steps)
             if logs and "loss" in logs:
                 say(
                     f"step {state.global_step}/{state.max_steps} loss={logs['loss']:.4f} "

@@ -68,8 +68,10 @@ class RunLog:
         if self.echo:
             print(line, flush=True)
 
-    def progress(self, iteration: int, stage: str, done: int, total: int, **extra) -> None:
+    def progress(self, iteration: int, stage: str, done: int, total: int, echo: bool = True, **extra) -> None:
+        """Record where a stage is (the app's job panel reads the last record); `echo` also logs a line."""
         record = {"t": time.time(), "iteration": iteration, "stage": stage, "done": done, "total": total, **extra}
         with self.progress_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self(f"[iter {iteration}] {stage}: {done}/{total}" + "".join(f" {k}={v}" for k, v in extra.items()))
+        if echo:
+            self(f"[iter {iteration}] {stage}: {done}/{total}" + "".join(f" {k}={v}" for k, v in extra.items()))

@@ -100,6 +100,11 @@ def test_full_loop_two_iterations_status_and_export(loaded_ws, tiny_model_dir, t
 
     ds = datasets.load_from_disk(str(out / "dataset"))
     assert ds.num_rows == len(lines) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    progress = [json.loads(l) for l in (ws / "runs" / "tiny" / "progress.jsonl").read_text().splitlines()]
+    stages = {(p["iteration"], p["stage"]) for p in progress}
+    assert {(1, "sample"), (1, "curate"), (1, "train"), (1, "evaluate"), (2, "train")} <= stages
+    last_train = [p for p in progress if p["stage"] == "train" and p["iteration"] == 1][-1]
+    assert last_train["done"] == last_train["total"] > 0  # the app's job panel can follow training
     assert elapsed < 120, f"the tiny loop took {elapsed:.0f} s"
 
 

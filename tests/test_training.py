@@ -192,3 +192,17 @@ def test_cuda_bf16_smoke(tiny_model_dir, tmp_path):
     record = json.loads((tmp_path / "o" / CHECKPOINT_FILE).read_text())
     assert record["precision"] == "bf16" and record["device"] == "cuda"
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_progress_reports_steps(tiny_model_dir, tmp_path):
+    """The app's job panel follows training through these (steps done, total) calls."""
+    from engine.config import TrainingConfig
+    from engine.training import train_dpo
+
+    seen = []
+    pairs = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": f"good {i} [RESULT] 5",
+              "rejected": f"bad {i} [RESULT] 1"} for i in range(4)]
+    train_dpo(policy_path=str(tiny_model_dir), reference_path=None, pairs=pairs,
+              cfg=TrainingConfig(batch_size=2, max_length=64), out_dir=tmp_path / "ckpt",
+              progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (0, 2) and seen[-1] == (2, 2)
