@@ -222,7 +222,7 @@ def launch(workspace: str | Path, run_id: str, args: list[str]) -> Job:
         with (run_dir / OUT_FILE).open("a") as out:
             out.write(f"--- {started_at} $ {' '.join(argv)}\n")
             out.flush()
-            # An argument list, never shell=True: run ids and paths come from a form and must not be parsed
+            # An argument list, never through a shell: run ids and paths come from a form and must not be parsed
             # by a shell. A new session makes the job its own process group, so cancel() reaches any
             # children it starts, and Ctrl-C in the app's terminal does not reach the job.
             proc = subprocess.Popen(
