@@ -216,8 +216,116 @@ def _stage_command(stage: str):
     return command
 
 
-for _stage in ("sample", "curate", "train"):
+for _stage in ("sample", "train"):
     app.command(_stage)(_stage_command(_stage))
+
+
+@app.command("curate")
+def curate_(
+    run_id: Annotated[str, typer.Option("--run", help="Run id.")],
+    iteration: Annotated[int, typer.Option(help="A sampled iteration (1..K).")],
+    strategy: Annotated[Optional[str], typer.Option(help="gold | majority | meta (default: the run's).")] = None,
+    min_margin: Annotated[Optional[int], typer.Option(help="Smallest score miss (gold, majority) or rating gap"
+                                                           " (meta) of a pair.")] = None,
+    max_pairs_per_item: Annotated[Optional[int], typer.Option(help="Cap on pairs per item.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing; print the report these settings"
+                                                            " would give.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Curate an iteration's preference pairs and print the curation report. Options override the run's
+    curation settings: without --dry-run they are saved in the run's config and the iteration is curated
+    again (refused once its pairs were reviewed or trained on)."""
+    def body():
+        from pydantic import ValidationError
+
+        from engine.config import ConfigError, CurationConfig, format_validation_error
+
+        ws = _ws()
+        store = ws.store()
+        stored = store.run(run_id)["config"].get("curation") or {}
+        sample_status = store.iteration(run_id, iteration)["sample_status"]
+        if sample_status != "done":
+            _fail(f"iteration {iteration} of {run_id} is not sampled (sample: {sample_status}); nothing to curate")
+        overrides = {"strategy": strategy, "min_margin": min_margin, "max_pairs_per_item": max_pairs_per_item}
+        try:
+            cfg = CurationConfig.model_validate({**stored, **{k: v for k, v in overrides.items() if v is not None}})
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, "curate options")) from None
+        if dry_run:
+            from engine.curation import preview
+
+            report = preview(store, run_id, iteration, cfg)
+        else:
+            report = _curate_again(ws, run_id, iteration, cfg, echo=not as_json)
+        if as_json:
+            typer.echo(json.dumps(report))
+        else:
+            what = f"{run_id} iteration {iteration}" + (" (dry run: nothing written)" if dry_run else "")
+            _print_curation(report, what)
+    _guard(body)
+
+
+def _curate_again(ws, run_id: str, iteration: int, cfg, echo: bool) -> dict:
+    """Curate with `cfg`: settings that differ from the run's are saved in its config (store and run dir) and
+    the iteration's pairs are dropped first; the same settings on a curated iteration change nothing."""
+    import yaml
+
+    from engine import jobs
+    from engine.config import CurationConfig, parse_run_config
+    from engine.iteration import Runner
+    from engine.workspace import RunLog
+
+    store = ws.store()
+    job = jobs.current(ws.root, run_id)
+    if job is not None and job.pid != os.getpid():
+        _fail(f"run {run_id} is running as job pid {job.pid}; cancel it first")
+    run = store.run(run_id)
+    old = CurationConfig.model_validate(run["config"].get("curation") or {}).model_dump(mode="json")
+    new = cfg.model_dump(mode="json")
+    if new != old:
+        train_status = store.iteration(run_id, iteration)["train_status"]
+        if train_status in ("done", "skipped"):
+            _fail(f"iteration {iteration} of {run_id} is trained on its current pairs (train: {train_status});"
+                  " curating it again would leave them out of step with its checkpoint. Compare settings with"
+                  " --dry-run, or start a new run")
+        dropped = store.reset_curation(run_id, iteration)  # refuses when humans reviewed pairs
+        config = parse_run_config({**run["config"], "curation": new}, "curate options").model_dump(mode="json")
+        store.update_run_config(run_id, config)
+        run_dir = Path(run["run_dir"] or ws.run_dir(run_id))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        changes = "; ".join(f"curation.{k}: {old.get(k)} -> {v}" for k, v in new.items() if v != old.get(k))
+        RunLog(run_dir, echo=False)(f"config updated by selfrat curate; {changes};"
+                                    f" iteration {iteration}: {dropped} pairs dropped to curate again")
+    runner = Runner(ws, run_id, echo=echo)
+    runner._install_signal_handlers()
+    return runner.curate(iteration)
+
+
+def _print_curation(r: dict, what: str) -> None:
+    p = r.get("params", {})
+    typer.echo(f"curation of {what}: strategy {r.get('strategy')}, min_margin {p.get('min_margin')},"
+               f" max_pairs_per_item {p.get('max_pairs_per_item')}, balance_scores {p.get('balance_scores')},"
+               f" dedupe {p.get('dedupe')}, use_forced {p.get('use_forced')}"
+               + (f", rated by {r['rater_model']}" if r.get("rater_model") else ""))
+    if "items" not in r:  # a report from before curation reports had counts
+        return
+    typer.echo(f"  {r['judgments']} judgments of {r['items']} items; usable {r.get('usable', '?')},"
+               f" duplicates {r.get('duplicates', 0)}")
+    typer.echo(f"  {r['pairs']} pairs from {r['items_with_pairs']} items; skipped: "
+               + " ".join(f"{k}={v}" for k, v in r["skipped"].items()))
+    typer.echo("  chosen score: " + " ".join(f"{k}={v}" for k, v in r["chosen_score_hist"].items()))
+    gap = "rating gap" if r.get("strategy") == "meta" else "margin"
+    typer.echo(f"  {gap}: " + " ".join(f"{k}={v}" for k, v in r["margin_hist"].items()))
+    bias = r.get("length_bias")
+    if bias and bias.get("chosen_mean_chars") is not None:
+        typer.echo(f"  rationale length: chosen {bias['chosen_mean_chars']:.0f} chars, rejected"
+                   f" {bias['rejected_mean_chars']:.0f} chars (ratio {_fmt(bias['ratio'])})")
+    for warning in r.get("warnings", []):
+        typer.echo(f"  warning: {warning}")
+
+
+METHODS = ("greedy", "self-consistency", "best-of-n", "relative")
 
 
 @app.command()
@@ -226,13 +334,22 @@ def evaluate(
     iteration: Annotated[Optional[int], typer.Option(help="With --run: the iteration (0 = seed).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Standalone: 'embedded', a checkpoint dir or hub id.")] = None,
     dataset: Annotated[list[str], typer.Option(help="Standalone: dataset(s) to evaluate on.")] = [],
+    method: Annotated[list[str], typer.Option(
+        help="Standalone: greedy (one greedy judgment), self-consistency (mean and majority of N sampled "
+             "scores), best-of-n (the sample the meta-judge rates highest), relative (A/B in both orders, "
+             "pairwise data). Repeat for several.")] = ["greedy"],
+    n: Annotated[int, typer.Option("--n", help="Samples per item for self-consistency / best-of-n.")] = 5,
     split: Annotated[str, typer.Option(help="eval | train | all")] = "eval",
     max_items: Annotated[Optional[int], typer.Option(help="First N items per dataset.")] = None,
     backend: Annotated[str, typer.Option(help="transformers | vllm")] = "transformers",
     max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 256,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% intervals (0 = off).")] = 1000,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Evaluate a judge: an iteration of a run, or any model on datasets (standalone)."""
+    """Evaluate a judge: an iteration of a run, or any model on datasets (standalone) with any method.
+
+    Metrics of a method other than greedy are named '<method>/<metric>' (e.g. self-consistency-mean/pearson).
+    """
     def body():
         from engine.iteration import Runner, create_run
 
@@ -244,12 +361,21 @@ def evaluate(
         else:
             if not model or not dataset:
                 _fail("standalone evaluate needs --model and --dataset (or --run and --iteration)")
+            unknown = sorted(set(method) - set(METHODS))
+            if unknown:
+                _fail(f"--method {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
             from engine.config import parse_run_config
 
             cfg = parse_run_config({
                 "model": model, "eval_datasets": dataset, "iterations": 0, "eval_split": split,
                 "max_eval_items": max_items,
                 "sampling": {"backend": backend, "max_new_tokens": max_new_tokens},
+                "evaluation": {
+                    "greedy": "greedy" in method, "bootstrap": bootstrap, "baseline_n": n,
+                    "baselines": [m for m in ("self-consistency", "best-of-n") if m in method],
+                    # Pairwise data: greedy scores each side (absolute), relative judges A/B.
+                    "pairwise_modes": ["absolute"] * ("greedy" in method) + ["relative"] * ("relative" in method),
+                },
             }, "evaluate options")
             rid = create_run(ws, cfg, kind="evaluate")
             runner = Runner(ws, rid, echo=not as_json)
@@ -259,7 +385,27 @@ def evaluate(
             typer.echo(json.dumps(metrics))
         else:
             for name, values in metrics.items():
-                typer.echo(f"{name}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+                _print_metrics(name, values, indent="")
+    _guard(body)
+
+
+@app.command("single-stage")
+def single_stage(
+    run_id: Annotated[str, typer.Argument(help="The iterative run whose baseline this is.")],
+    new_run_id: Annotated[Optional[str], typer.Option("--run-id", help="Default: RUN-single-stage.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Single-stage DPO baseline: one iteration from RUN's seed judge on the data of all its iterations at
+    once; recorded in RUN's iteration 0 as 'single-stage-dpo/<metric>'. Reruns resume."""
+    def body():
+        from engine.iteration import run_single_stage
+
+        metrics = run_single_stage(_ws(), run_id, new_run_id, echo=not as_json)
+        if as_json:
+            typer.echo(json.dumps(metrics))
+        else:
+            for name, values in metrics.items():
+                _print_metrics(name, values, indent="")
     _guard(body)
 
 
@@ -289,17 +435,40 @@ def _fmt(v) -> str:
     return "nan" if v is None or v != v else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
+_HEADLINE = ("pearson", "spearman", "kendall", "exact", "within1", "accuracy", "section_mean_accuracy", "tie_rate",
+             "parse_failure_rate")
+
+
+def _print_metrics(name: str, m: dict, indent: str = "    ") -> None:
+    """One line per method: the headline figures, a correlation with its 95% interval when there is one."""
+    methods = sorted({k.rsplit("/", 1)[0] if "/" in k else "" for k in m})
+    for method in methods:
+        prefix = f"{method}/" if method else ""
+        parts = []
+        for k in _HEADLINE:
+            v = m.get(prefix + k)
+            if v is None and prefix + k not in m:
+                continue
+            lo, hi = m.get(f"{prefix}{k}_lo"), m.get(f"{prefix}{k}_hi")
+            ci = f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None and k == "pearson" else ""
+            parts.append(f"{k}={_fmt(v)}{ci}")
+        if parts:
+            typer.echo(f"{indent}{name}{' ' + method if method else ''}: " + "  ".join(parts))
+
+
 def _print_status(s: dict) -> None:
     typer.echo(f"run {s['id']} [{s['kind']}] {s['status']}" + (f"  error: {s['error']}" if s.get("error") else ""))
+    contamination = s.get("reports", {}).get("contamination", {})
+    if contamination.get("overlapping_items"):
+        typer.echo(f"  contamination: {contamination['overlapping_items']} training items occur in the eval sets"
+                   " (left out of training)")
     for it in s["iterations"]:
         stages = " ".join(f"{k}={v}" for k, v in it["stages"].items())
         pairs = " ".join(f"{k}={v}" for k, v in it["pairs"].items() if v)
         typer.echo(f"  iteration {it['index']}: judgments={it['judgments']} parsed={it['parsed']} {stages}"
                    + (f" pairs: {pairs}" if pairs else ""))
         for name, m in it["metrics"].items():
-            keys = [k for k in ("pearson", "spearman", "kendall", "exact", "within1", "accuracy",
-                                "parse_failure_rate") if k in m]
-            typer.echo(f"    {name}: " + "  ".join(f"{k}={_fmt(m[k])}" for k in keys))
+            _print_metrics(name, m)
 
 
 @app.command()
@@ -364,6 +533,59 @@ def serve(
     sys.stdout.flush()
     # Replace this process: Ctrl-C and signals reach streamlit itself, with no parent left behind.
     os.execvpe(argv[0], argv, {**os.environ, "SELFRAT_HOME": str(root)})
+
+
+# ------------------------------------------------------------------ rationale quality: blinded side-by-side
+
+sxs_app = typer.Typer(no_args_is_help=True, help="Blinded side-by-side of two systems' rationales: export a "
+                                                 "sheet a person fills in, then score it.")
+app.add_typer(sxs_app, name="sxs")
+
+
+@sxs_app.command("export")
+def sxs_export(
+    first: Annotated[str, typer.Argument(help="System 1: RUN:ITERATION (or ITERATION with --run).")],
+    second: Annotated[str, typer.Argument(help="System 2: RUN:ITERATION (or ITERATION with --run).")],
+    dataset: Annotated[str, typer.Option(help="Dataset whose eval judgments are compared.")],
+    out: Annotated[Path, typer.Option(help="The sheet (CSV) to write.")],
+    key: Annotated[Optional[Path], typer.Option(help="The key (JSON); default OUT's name + .key.json.")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run", help="Run of systems given as ITERATION alone.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the row order and the left/right coin.")] = 0,
+    max_items: Annotated[Optional[int], typer.Option(min=1, help="A random N of the items both judged.")] = None,
+) -> None:
+    """Write a blinded sheet (left/right random per row) and the key that unblinds it. Keep the key from raters."""
+    def body():
+        from engine.sxs import export_sheet, parse_spec
+
+        a, b = parse_spec(first, run_id), parse_spec(second, run_id)
+        res = export_sheet(_ws().store(), dataset, a, b, out, key, seed=seed, max_items=max_items)
+        typer.echo(f"{res['rows']} rows ({a} vs {b} on {dataset}) -> {res['sheet']}; key -> {res['key']}"
+                   + (f"; {res['skipped']} items not judged by both" if res["skipped"] else ""))
+    _guard(body)
+
+
+@sxs_app.command("score")
+def sxs_score(
+    sheets: Annotated[list[Path], typer.Argument(help="Filled sheet(s) of one key: one per annotator.")],
+    key: Annotated[Path, typer.Option(help="The key written by `sxs export`.")],
+    seed: Annotated[int, typer.Option(help="Bootstrap seed of the 95% interval.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Win rate of each system (ties count half, and are reported) with a 95% bootstrap interval over items."""
+    def body():
+        from engine.sxs import score_sheets
+
+        res = score_sheets(sheets, key, seed=seed)
+        if as_json:
+            typer.echo(json.dumps(res))
+            return
+        typer.echo(f"{res['dataset']}: {res['annotations']} annotations of {res['items']} items"
+                   f" ({res['ties']} ties, {res['unfilled']} rows not filled)")
+        for s in res["systems"]:
+            typer.echo(f"  {s['system']}: win rate {_fmt(s['win_rate'])} [{_fmt(s['win_rate_lo'])},"
+                       f" {_fmt(s['win_rate_hi'])}]  wins {s['wins']} losses {s['losses']}"
+                       f"  decisive {_fmt(s['decisive_win_rate'])}")
+    _guard(body)
 
 
 def main() -> None:

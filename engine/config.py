@@ -46,15 +46,36 @@ class SamplingConfig(_Strict):
 class CurationConfig(_Strict):
     """How preference pairs are built from sampled judgments."""
 
-    strategy: Literal["gold"] = Field("gold", description="gold: chosen matches the gold score.")
-    min_margin: int = Field(1, ge=1, le=4, description="Minimum |score_rejected - gold| (paper: 2 beat 1).")
+    strategy: Literal["gold", "majority", "meta"] = Field(
+        "gold",
+        description="gold: chosen matches the gold score, rejected misses it; majority: chosen has the item's "
+        "modal score, rejected is off the mode (no gold needed); meta: the judge rates each judgment's "
+        "rationale, chosen = highest rated, rejected = lowest.",
+    )
+    min_margin: int = Field(
+        1, ge=1, le=4,
+        description="gold: |score_rejected - gold| >= m (paper: 2 beat 1); majority: |score_rejected - mode| >= m; "
+        "meta: rating_chosen - rating_rejected >= m.",
+    )
     max_pairs_per_item: int = Field(2, ge=1, le=64, description="Cap on pairs per item.")
     use_forced: bool = Field(True, description="Allow judgments whose score was forced.")
+    balance_scores: bool = Field(
+        False, description="Keep as many pairs per chosen score (1-5) as the rarest chosen score present has."
+    )
+    dedupe: bool = Field(True, description="Treat judgments with identical text for an item as one.")
+    meta_max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="meta strategy: budget for the meta-judge's note before its rating."
+    )
 
 
 class TrainingConfig(_Strict):
     """DPO on the curated pairs (TRL DPOTrainer)."""
 
+    loss: Literal["sigmoid", "sigmoid+sft"] = Field(
+        "sigmoid", description="sigmoid: DPO; sigmoid+sft: DPO plus NLL on the chosen judgment (Self-Taught Evaluator)."
+    )
+    sft_weight: float = Field(1.0, gt=0.0, description="Weight of the NLL term for loss sigmoid+sft.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: assumed label noise.")
     beta: float = Field(0.1, gt=0.0, description="DPO beta (TRL default 0.1).")
     learning_rate: float = Field(5e-6, gt=0.0, description="AdamW learning rate.")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the pairs.")
@@ -73,6 +94,9 @@ class TrainingConfig(_Strict):
     )
 
 
+BASELINES = ("self-consistency", "best-of-n")
+
+
 class EvaluationConfig(_Strict):
     """How each iteration's judge is evaluated on the eval datasets."""
 
@@ -80,6 +104,45 @@ class EvaluationConfig(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (deterministic evaluation).")
     max_new_tokens: int | None = Field(None, ge=8, le=4096, description="None = sampling.max_new_tokens.")
     seed: int = Field(1234)
+    greedy: bool = Field(True, description="Evaluate with the method of every iteration (the figures without a "
+                         "'<method>/' prefix); off only for a standalone baseline evaluation.")
+    pairwise_modes: list[Literal["absolute", "relative"]] = Field(
+        default_factory=lambda: ["absolute"],
+        description="Pairwise datasets: absolute = score each side, the higher wins; relative = A/B judging in "
+        "both orders (disagreement = tie).",
+    )
+    baselines: list[Literal["self-consistency", "best-of-n"]] = Field(
+        default_factory=list, description="Baselines evaluated on the seed (iteration 0), stored as '<method>/<metric>'."
+    )
+    baseline_n: int = Field(5, ge=2, le=64, description="Samples per item for self-consistency and best-of-n.")
+    baseline_temperature: float = Field(1.0, gt=0.0, le=2.0)
+    bootstrap: int = Field(1000, ge=0, le=100000, description="Bootstrap resamples for 95% intervals (0 = off).")
+
+
+class SFTConfig(_Strict):
+    """Seed SFT (TRL SFTTrainer) on gold rationales + scores: the judge J_SFT the loop starts from."""
+
+    dataset: str = Field(..., description="Imported absolute dataset with gold feedback (e.g. CIA, Feedback-Collection).")
+    split: Literal["train", "eval", "all"] = Field("train")
+    max_items: int | None = Field(None, ge=1, description="Use only the first N items (by id).")
+    epochs: float = Field(1.0, gt=0.0)
+    learning_rate: float = Field(1e-5, gt=0.0, description="Prometheus 2: 1e-5, cosine, warmup 0.1.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = Field("cosine")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=32, description="Prompt + target tokens; longer examples are truncated.")
+    lora: bool = Field(False)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    seed: int = Field(0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto")
+
+
+class SeedConfig(_Strict):
+    """Where the loop's judge comes from: `model` as is, or SFT'd on gold rationales first."""
+
+    sft: SFTConfig | None = Field(None, description="Train J_SFT from `model` before iteration 0.")
 
 
 class RunConfig(_Strict):
@@ -92,6 +155,19 @@ class RunConfig(_Strict):
     max_train_items: int | None = Field(None, ge=1, description="Use only the first N train items (by id).")
     max_eval_items: int | None = Field(None, ge=1, description="Use only the first N items per eval dataset.")
     eval_split: Literal["eval", "train", "all"] = Field("eval")
+    train_items_per_iteration: int | None = Field(
+        None, ge=1,
+        description="Iteration k samples its own slice of the train items (k-1)*m .. k*m-1 (paper: fresh inputs "
+        "per iteration); None = every iteration samples all of them.",
+    )
+    allow_contamination: bool = Field(
+        False,
+        description="Allow train/SFT items whose instruction+response also occur in an eval dataset (they are "
+        "still never used for training; the overlap is reported). False = refuse such a run.",
+    )
+    seed: SeedConfig = Field(default_factory=SeedConfig)
+    evaluate_seed: bool = Field(True, description="Evaluate the seed judge as iteration 0 (off for a baseline "
+                                "run whose seed another run has evaluated already).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

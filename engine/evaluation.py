@@ -1,19 +1,57 @@
 """Evaluation of one judge (one iteration) on one dataset, from the judgments stored for it.
 
-Absolute datasets: each item's prediction is the mean score of its eval judgments (a parse failure with no
-forced score is a missing prediction), compared with gold by `metrics.absolute_metrics`. Pairwise datasets:
-both responses are scored separately and the chosen one must score strictly higher (`pairwise_metrics`).
+    result = evaluate_judgments(items, store.judgments(run, k, "eval"), method="greedy")
+    result.metrics["pearson"], result.metrics["pearson_lo"], result.breakdowns, result.confusion
+
+A method turns an item's judgments (per side) into one predicted score:
+- greedy / self-consistency-mean: the mean score of its judgments (the same arithmetic; they differ in how
+  the judgments were drawn: one greedy judgment vs N sampled ones);
+- self-consistency-majority: the modal score; on a tie between modes, the mode closest to the mean of the
+  scores, and on a tie in distance the lower score (so 1,1,3,3 -> 1 and 2,2,4,4,5 -> 4);
+- best-of-n: the score of the judgment the meta-judge rated highest (ties: lowest sample_index; several
+  raters' ratings of one judgment are averaged; unrated judgments are not candidates). Its score may be
+  missing: a parse failure stays a failure.
+A judgment without a score (a parse failure with no forced score) adds nothing to a mean or a vote; a side
+with no scored judgment is a missing prediction.
+
+Absolute datasets are compared with gold by `metrics.absolute_metrics` (with bootstrap intervals) plus a
+confusion matrix. Pairwise datasets score both responses separately (absolute-to-pairwise): for A/B items
+the chosen one must score strictly higher, tie-labelled items are correct when both sides score the same
+(`metrics.pairwise_metrics`), and `section_mean_accuracy` is the unweighted mean of per-section accuracies
+(RewardBench). An item's section is meta "section", else "subset", else "(none)" (one more section), as in
+`engine.relative`, so both pairwise modes report comparable figures. Breakdowns (group_by, group_value,
+metric, value) hold the same figures per rubric / capability / task (absolute) or per section / subset
+(pairwise), read from each item's `meta` JSON.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import polars as pl
 
-from engine.metrics import absolute_metrics, pairwise_metrics
-from engine.prompts import absolute_messages
 from engine.judging import JudgeRequest
+from engine.metrics import (
+    PAIR_LABELS, absolute_metrics, confusion_matrix, pairwise_metrics, section_mean_accuracy,
+)
+from engine.prompts import absolute_messages
 
 CHOSEN_SIDE = {"A": "a", "B": "b"}
+METHODS = ("greedy", "self-consistency-mean", "self-consistency-majority", "best-of-n")
+NO_GROUP = "(none)"  # group value of an item that lacks the meta key others have
+RUBRIC_CHARS = 80  # a rubric without a name is grouped by its criteria text, cut to this length
+ABSOLUTE_GROUPS = ("rubric", "capability", "task")
+PAIRWISE_GROUPS = ("section", "subset")
+ABSOLUTE_GROUP_METRICS = ("exact", "within1", "pearson")
+BREAKDOWN_SCHEMA = {"group_by": pl.String, "group_value": pl.String, "metric": pl.String, "value": pl.Float64}
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # flat, un-prefixed: pearson, pearson_lo, ..., exact, within1, accuracy, ...
+    breakdowns: pl.DataFrame  # group_by, group_value, metric, value
+    confusion: list[list[int]] | None  # absolute datasets only: rows gold 1..5, columns predicted 1..5
 
 
 def eval_requests(items: pl.DataFrame) -> list[JudgeRequest]:
@@ -26,32 +64,190 @@ def eval_requests(items: pl.DataFrame) -> list[JudgeRequest]:
     return out
 
 
-def predictions(judgments: pl.DataFrame) -> pl.DataFrame:
-    """Per (item, side): mean score over samples (null when none scored) and the parse-failure share."""
-    return judgments.group_by("item_id", "side").agg(
-        pred=pl.col("score").cast(pl.Float64).mean(),
+# ------------------------------------------------------------------ predictions
+
+
+def predictions(judgments: pl.DataFrame, method: str = "greedy", ratings: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Per (item, side): `pred` (null when the method finds no score), and `failures` / `samples` (judgments
+    not parsed ok / all judgments). Only sides a and b count (relative A/B judgments are scored elsewhere)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown evaluation method {method!r}; expected one of {METHODS}")
+    judgments = judgments.filter(pl.col("side").is_in(["a", "b"]))
+    base = judgments.group_by("item_id", "side").agg(
         failures=(pl.col("parse_status") != "ok").sum(),
         samples=pl.len(),
     )
-
-
-def dataset_metrics(items: pl.DataFrame, judgments: pl.DataFrame) -> dict[str, float]:
-    preds = predictions(judgments)
-    parse_failure_rate = float(preds["failures"].sum() / preds["samples"].sum()) if preds.height else float("nan")
-    if items.height and items["kind"][0] == "pairwise":
-        sides = preds.pivot(on="side", index="item_id", values="pred")
-        for side in ("a", "b"):
-            if side not in sides.columns:
-                sides = sides.with_columns(pl.lit(None, dtype=pl.Float64).alias(side))
-        joined = items.select("item_id", "label").join(sides, on="item_id", how="left")
-        joined = joined.filter(pl.col("label").is_in(["A", "B"]))  # tie-labelled items: see METHOD.md, later issue
-        chosen = [row["a"] if row["label"] == "A" else row["b"] for row in joined.iter_rows(named=True)]
-        rejected = [row["b"] if row["label"] == "A" else row["a"] for row in joined.iter_rows(named=True)]
-        out = pairwise_metrics(chosen, rejected)
+    if method in ("greedy", "self-consistency-mean"):
+        pred = judgments.group_by("item_id", "side").agg(pred=pl.col("score").cast(pl.Float64).mean())
+    elif method == "self-consistency-majority":
+        pred = _majority(judgments)
     else:
-        joined = items.select("item_id", "gold_score").join(
-            preds.filter(pl.col("side") == "a"), on="item_id", how="left"
-        )
-        out = absolute_metrics(joined["gold_score"].to_list(), joined["pred"].to_list())
-    out["parse_failure_rate"] = parse_failure_rate
-    return {k: float(v) for k, v in out.items()}
+        pred = _best_of_n(judgments, ratings)
+    return base.join(pred, on=["item_id", "side"], how="left").sort("item_id", "side")
+
+
+def _majority(judgments: pl.DataFrame) -> pl.DataFrame:
+    scored = judgments.filter(pl.col("score").is_not_null()).with_columns(pl.col("score").cast(pl.Float64))
+    votes = scored.group_by("item_id", "side", "score").agg(votes=pl.len()).join(
+        scored.group_by("item_id", "side").agg(mean=pl.col("score").mean()), on=["item_id", "side"])
+    ranked = votes.with_columns(distance=(pl.col("score") - pl.col("mean")).abs()).sort(
+        ["item_id", "side", "votes", "distance", "score"], descending=[False, False, True, False, False])
+    return ranked.group_by("item_id", "side", maintain_order=True).first().select("item_id", "side",
+                                                                                  pred=pl.col("score"))
+
+
+def _best_of_n(judgments: pl.DataFrame, ratings: pl.DataFrame | None) -> pl.DataFrame:
+    if ratings is None:
+        raise ValueError("best-of-n needs the meta-judge's ratings (store.meta_ratings(...))")
+    missing = {"judgment_id", "rating"} - set(ratings.columns)
+    if missing:
+        raise ValueError(f"ratings lack column(s) {sorted(missing)}")
+    mean_rating = (ratings.filter(pl.col("rating").is_not_null())
+                   .group_by("judgment_id").agg(rating=pl.col("rating").cast(pl.Float64).mean()))
+    candidates = judgments.join(mean_rating, on="judgment_id", how="inner").sort(
+        ["item_id", "side", "rating", "sample_index"], descending=[False, False, True, False])
+    return candidates.group_by("item_id", "side", maintain_order=True).first().select(
+        "item_id", "side", pred=pl.col("score").cast(pl.Float64))
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def evaluate_judgments(items: pl.DataFrame, judgments: pl.DataFrame, *, method: str = "greedy",
+                       ratings: pl.DataFrame | None = None, bootstrap: int = 1000, seed: int = 0) -> EvalResult:
+    """Metrics, per-group breakdowns and (absolute) the confusion matrix of one method's predictions.
+
+    Args:
+        items: store.items(...) rows of one dataset (all absolute or all pairwise).
+        judgments: store.judgments(...) rows for those items (score may be null; sides a/b; sample_index).
+        method: one of METHODS (see the module docstring).
+        ratings: best-of-n only: store.meta_ratings(...) rows (judgment_id, rating).
+        bootstrap, seed: resamples and seed of the 95% intervals (0 = none).
+
+    `parse_failure_rate` is the share of judgments not parsed ok (over all samples, not items).
+    Raises ValueError naming the item for a missing gold score, a bad label or unreadable meta.
+    """
+    kinds = set(items["kind"].unique().to_list()) if items.height else {"absolute"}
+    if len(kinds) > 1:
+        raise ValueError(f"items mix kinds {sorted(kinds)}; evaluate one dataset at a time")
+    preds = predictions(judgments, method, ratings)
+    samples = preds["samples"].sum() if preds.height else 0
+    failure_rate = float(preds["failures"].sum() / samples) if samples else float("nan")
+    if kinds == {"pairwise"}:
+        result = _pairwise(items, preds, bootstrap, seed)
+    else:
+        result = _absolute(items, preds, bootstrap, seed)
+    result.metrics["parse_failure_rate"] = failure_rate
+    result.metrics = {k: float(v) for k, v in result.metrics.items()}
+    return result
+
+
+def dataset_metrics(items: pl.DataFrame, judgments: pl.DataFrame, *, bootstrap: int = 1000,
+                    seed: int = 0) -> dict[str, float]:
+    """The greedy metrics dict of `evaluate_judgments` (kept for callers that need only the numbers)."""
+    return evaluate_judgments(items, judgments, method="greedy", bootstrap=bootstrap, seed=seed).metrics
+
+
+def _absolute(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: int) -> EvalResult:
+    side_a = preds.filter(pl.col("side") == "a").select("item_id", "pred")
+    rows = items.select("item_id", "gold_score", "criteria", "meta").join(side_a, on="item_id", how="left")
+    rows = rows.sort("item_id")
+    for r in rows.filter(pl.col("gold_score").is_null()).head(1).iter_rows(named=True):
+        raise ValueError(f"item {r['item_id']}: no gold score; absolute evaluation needs one per item")
+    gold, pred = rows["gold_score"].to_list(), rows["pred"].to_list()
+    metrics = absolute_metrics(gold, pred, bootstrap=bootstrap, seed=seed)
+    groups = _groups(rows, ABSOLUTE_GROUPS)
+    breakdown = []
+    for group_by, values in groups.items():
+        for value, idx in _members(values).items():
+            m = absolute_metrics([gold[i] for i in idx], [pred[i] for i in idx], bootstrap=0)
+            breakdown += _rows(group_by, value, {"n": len(idx), **{k: m[k] for k in ABSOLUTE_GROUP_METRICS}})
+    return EvalResult(metrics, _frame(breakdown), confusion_matrix(gold, pred))
+
+
+def _pairwise(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: int) -> EvalResult:
+    sides = {s: preds.filter(pl.col("side") == s).select("item_id", pl.col("pred").alias(s)) for s in ("a", "b")}
+    rows = (items.select("item_id", "label", "criteria", "meta")
+            .join(sides["a"], on="item_id", how="left").join(sides["b"], on="item_id", how="left").sort("item_id"))
+    chosen, rejected, labels = [], [], []
+    for r in rows.iter_rows(named=True):
+        if r["label"] not in PAIR_LABELS:
+            raise ValueError(f"item {r['item_id']}: label {r['label']!r} is not one of {PAIR_LABELS}")
+        flip = r["label"] == "B"  # chosen = response_b; tie items keep (a, b)
+        chosen.append(r["b"] if flip else r["a"])
+        rejected.append(r["a"] if flip else r["b"])
+        labels.append(r["label"])
+    metrics = pairwise_metrics(chosen, rejected, labels, bootstrap=bootstrap, seed=seed)
+    groups = _groups(rows, PAIRWISE_GROUPS)
+    breakdown = []
+    for group_by, values in groups.items():
+        accuracy = {}
+        for value, idx in _members(values).items():
+            m = pairwise_metrics([chosen[i] for i in idx], [rejected[i] for i in idx], [labels[i] for i in idx])
+            accuracy[value] = m["accuracy"]
+            breakdown += _rows(group_by, value, {"n": len(idx), "accuracy": m["accuracy"], "ties": m["ties"]})
+        if group_by == "section":
+            metrics["section_mean_accuracy"] = section_mean_accuracy(accuracy)
+    return EvalResult(metrics, _frame(breakdown), None)
+
+
+def confusion_breakdown(confusion: list[list[int]]) -> pl.DataFrame:
+    """A confusion matrix as breakdown rows (group_by "confusion", group_value "gold k", metric "pred j",
+    value = count), so it can be stored with `store.put_breakdowns` beside the other groups."""
+    return _frame([{"group_by": "confusion", "group_value": f"gold {g}", "metric": f"pred {p}", "value": float(n)}
+                   for g, row in enumerate(confusion, 1) for p, n in enumerate(row, 1)])
+
+
+# ------------------------------------------------------------------ groups
+
+
+def _meta(item_id: int, raw: str | None) -> dict:
+    if raw is None or raw == "":
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"item {item_id}: meta is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"item {item_id}: meta must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _group_value(key: str, meta: dict, criteria: str | None) -> str | None:
+    if key == "rubric":
+        name = meta.get("rubric_name")
+        if name not in (None, ""):
+            return str(name)
+        return (criteria or "").strip()[:RUBRIC_CHARS] or None
+    value = meta.get(key)
+    if key == "section" and value in (None, ""):
+        value = meta.get("subset")  # RewardBench files without a section column still carry the subset
+    return None if value in (None, "") else str(value)
+
+
+def _groups(rows: pl.DataFrame, keys: tuple[str, ...]) -> dict[str, list[str]]:
+    """group_by -> the group value of each row (NO_GROUP where the item lacks it), for the keys at least one
+    item has; "section" always (pairwise data without sections is one section, "(none)")."""
+    metas = [_meta(r["item_id"], r["meta"]) for r in rows.iter_rows(named=True)]
+    criteria = rows["criteria"].to_list()
+    out = {}
+    for key in keys:
+        values = [_group_value(key, m, c) for m, c in zip(metas, criteria)]
+        if key == "section" or any(v is not None for v in values):
+            out[key] = [NO_GROUP if v is None else v for v in values]
+    return out
+
+
+def _members(values: list[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, v in enumerate(values):
+        out.setdefault(v, []).append(i)
+    return dict(sorted(out.items()))
+
+
+def _rows(group_by: str, value: str, metrics: dict[str, float]) -> list[dict]:
+    return [{"group_by": group_by, "group_value": value, "metric": k, "value": float(v)} for k, v in metrics.items()]
+
+
+def _frame(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=BREAKDOWN_SCHEMA)

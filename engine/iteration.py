@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 
+import polars as pl
 import yaml
 
 from engine.config import RunConfig
 from engine.curation import curate
-from engine.evaluation import dataset_metrics, eval_requests
+from engine.evaluation import eval_requests
 from engine.judging import JudgeRequest, sample_and_store
 from engine.models import EMBEDDED, resolve_model
 from engine.prompts import absolute_messages, format_judgment
@@ -25,27 +27,107 @@ from engine.workspace import RunLog, Workspace
 from store import Store, StoreError
 
 
+# The figures a finished evaluation writes to the run log, for each method (everything is in the store).
+LOGGED = ("pearson", "exact", "within1", "accuracy", "parse_failure_rate")
+
+
 class Cancelled(Exception):
     """The job received SIGTERM/SIGINT; the current stage stops at a batch boundary and can be resumed."""
 
 
+def _split(split: str | None) -> str | None:
+    return None if split in (None, "all") else split
+
+
+def contamination_report(store: Store, cfg: RunConfig) -> dict:
+    """Which training inputs (train items, seed-SFT items) also occur in an evaluated eval set, by
+    instruction + response (case and whitespace folded)."""
+    sources = []
+    if cfg.train_dataset:
+        sources.append(("train", cfg.train_dataset, "train"))
+    if cfg.seed.sft:
+        sources.append(("sft", cfg.seed.sft.dataset, _split(cfg.seed.sft.split)))
+    report: dict = {"eval_datasets": list(cfg.eval_datasets), "eval_split": cfg.eval_split, "sources": {},
+                    "overlapping_items": 0, "allowed": cfg.allow_contamination}
+    for role, dataset, split in sources:
+        overlap = store.overlapping_items(dataset, split, cfg.eval_datasets, _split(cfg.eval_split))
+        n = overlap["item_id"].n_unique()
+        report["sources"][role] = {
+            "dataset": dataset, "split": split or "all", "overlapping_items": n,
+            "by_eval_dataset": {d: int(c) for d, c in overlap.group_by("other_dataset").agg(pl.len())
+                                .iter_rows()},
+            "examples": overlap.unique("item_id", keep="first", maintain_order=True).head(5).to_dicts(),
+        }
+        report["overlapping_items"] += n
+    return report
+
+
 def create_run(ws: Workspace, cfg: RunConfig, run_id: str | None = None, kind: str = "loop") -> str:
-    """Validate a config against the workspace and record a new run (its config saved in the run dir)."""
+    """Validate a config against the workspace and record a new run (its config saved in the run dir).
+
+    Refuses a run whose training inputs overlap its eval sets unless `allow_contamination` is set; with it,
+    the overlapping items are left out of training (never sampled for pairs, never SFT'd on) and reported.
+    """
     store = ws.store()
-    for name in [cfg.train_dataset, *cfg.eval_datasets]:
+    sft = cfg.seed.sft
+    for name in [cfg.train_dataset, *cfg.eval_datasets, sft.dataset if sft else None]:
         if name:
             store.dataset_kind(name)  # raises naming the missing dataset
     if cfg.train_dataset and store.dataset_kind(cfg.train_dataset) != "absolute":
         raise StoreError(f"train_dataset {cfg.train_dataset!r} must hold absolute (gold-scored) items")
+    if sft and store.dataset_kind(sft.dataset) != "absolute":
+        raise StoreError(f"seed.sft.dataset {sft.dataset!r} must hold absolute items with gold feedback")
     if cfg.model != EMBEDDED:
         resolve_model(cfg.model, ws.root)  # a bad path fails now, not after the run is recorded
+    contamination = contamination_report(store, cfg)
+    if contamination["overlapping_items"] and not cfg.allow_contamination:
+        lines = [f"{src['overlapping_items']} {role} items of {src['dataset']!r} (split {src['split']}) also occur "
+                 f"in the eval sets {src['by_eval_dataset']}; e.g. source rows "
+                 f"{[e['source_row'] for e in src['examples']]}"
+                 for role, src in contamination["sources"].items() if src["overlapping_items"]]
+        raise StoreError("contamination: " + "; ".join(lines) + ". Use other splits, or set "
+                         "allow_contamination: true to run anyway (those items are then left out of training).")
     run_id = run_id or ws.new_run_id("eval" if kind == "evaluate" else "run")
     run_dir = ws.run_dir(run_id)
     if not store.create_run(run_id, kind, cfg.model_dump(mode="json"), str(run_dir)):
         raise StoreError(f"run {run_id!r} exists already; use `selfrat resume {run_id}`")
+    store.put_run_report(run_id, "contamination", contamination)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return run_id
+
+
+def single_stage_config(cfg: RunConfig, seed_model: str) -> RunConfig:
+    """The single-stage DPO baseline of a K-iteration run: one iteration from the same seed judge that
+    samples, at once, what the K iterations sampled (their K slices of items, or K x n samples of the same
+    items when every iteration sampled all of them) and trains once on all the pairs."""
+    k = max(cfg.iterations, 1)
+    data = cfg.model_dump(mode="json")
+    data.update(model=seed_model, iterations=1, seed={"sft": None}, evaluate_seed=False)
+    if cfg.train_items_per_iteration:
+        data["train_items_per_iteration"] = cfg.train_items_per_iteration * k
+    else:
+        data["sampling"]["n"] = min(64, cfg.sampling.n * k)
+    data["curation"]["max_pairs_per_item"] = min(64, cfg.curation.max_pairs_per_item * k)
+    data["evaluation"]["baselines"] = []
+    data["sampling"]["force_score"] = cfg.sampling.force_score  # as resolved for the original model
+    return RunConfig.model_validate(data)
+
+
+def run_single_stage(ws: Workspace, run_id: str, new_run_id: str | None = None, sampler_factory=None,
+                     echo: bool = True) -> dict:
+    """The single-stage DPO baseline of `run_id` (see `single_stage_config`), run to the end (or resumed);
+    its iteration-1 figures are also recorded as the parent's iteration-0 metrics 'single-stage-dpo/<metric>'."""
+    parent = Runner(ws, run_id, echo=False)
+    store = ws.store()
+    new_run_id = new_run_id or f"{run_id}-single-stage"
+    if new_run_id not in store.runs()["run_id"].to_list():
+        create_run(ws, single_stage_config(parent.cfg, parent.seed_model()), new_run_id)
+    Runner(ws, new_run_id, sampler_factory=sampler_factory, echo=echo).run_all()
+    metrics = store.run_status(new_run_id)["iterations"][1]["metrics"]
+    for dataset, values in metrics.items():
+        store.put_metrics(run_id, 0, dataset, {f"single-stage-dpo/{m}": v for m, v in values.items()})
+    return metrics
 
 
 class Runner:
@@ -70,6 +152,7 @@ class Runner:
         self.store.update_run(self.run_id, status="running", pid=os.getpid(), clear_error=True)
         self.log(f"run {self.run_id}: model={self.cfg.model} iterations={self.cfg.iterations}")
         try:
+            self.sft()
             self.evaluate(0)
             for k in range(1, self.cfg.iterations + 1):
                 self.sample(k)
@@ -100,16 +183,22 @@ class Runner:
 
     # -------------------------------------------------------------- models
 
-    def seed_model(self) -> str:
+    def base_model(self) -> str:
+        """`model` of the config: the seed judge itself, or what the seed SFT starts from."""
         return resolve_model(self.cfg.model, self.ws.root)
+
+    def seed_model(self) -> str:
+        """The judge of iteration 0: J_SFT when the config has a seed SFT, else the base model."""
+        return self.model_of(0)
 
     def model_of(self, iteration: int) -> str:
         """The judge after `iteration` (0 = the seed)."""
-        if iteration == 0:
-            return self.seed_model()
+        if iteration == 0 and self.cfg.seed.sft is None:
+            return self.base_model()
         row = self.store.iteration(self.run_id, iteration)
         if row["train_status"] not in ("done", "skipped") or not row["checkpoint"]:
-            raise StoreError(f"iteration {iteration} of {self.run_id} has no trained checkpoint yet")
+            what = "seed SFT" if iteration == 0 else f"iteration {iteration}"
+            raise StoreError(f"{what} of {self.run_id} has no trained checkpoint yet")
         return row["checkpoint"]
 
     def sampler(self, model_path: str) -> Sampler:
@@ -144,7 +233,74 @@ class Runner:
             self.store.set_stage(self.run_id, iteration, stage, "failed")
             raise
 
+    # -------------------------------------------------------------- inputs
+
+    def _uncontaminated(self, items: pl.DataFrame, dataset: str, split: str | None, role: str) -> pl.DataFrame:
+        """`items` without those that also occur in an evaluated eval set (see `create_run`)."""
+        overlap = self.store.overlapping_items(dataset, split, self.cfg.eval_datasets, _split(self.cfg.eval_split))
+        if overlap.height == 0:
+            return items
+        kept = items.filter(~pl.col("item_id").is_in(overlap["item_id"].implode()))
+        if kept.height < items.height:
+            self.log(f"{role}: left out {items.height - kept.height} items that occur in the eval sets")
+        return kept
+
+    def train_items(self, k: int) -> pl.DataFrame:
+        """The train items iteration k samples: the train split without eval overlap, the first
+        `max_train_items`, and with `train_items_per_iteration` = m the k-th slice of m of them."""
+        items = self.store.items(self.cfg.train_dataset, "train")
+        items = self._uncontaminated(items, self.cfg.train_dataset, "train", "sampling")
+        if self.cfg.max_train_items:
+            items = items.head(self.cfg.max_train_items)
+        m = self.cfg.train_items_per_iteration
+        if m:
+            total = items.height
+            items = items.slice((k - 1) * m, m)
+            if items.height == 0:
+                raise StoreError(f"iteration {k} has no train items left: {total} usable train items at "
+                                 f"{m} per iteration cover {total // m} iterations")
+        return items
+
     # -------------------------------------------------------------- stages
+
+    def sft(self) -> dict:
+        """The seed SFT (config `seed.sft`): trains J_SFT from `model` on gold rationales + scores, as
+        iteration 0's train stage. A no-op without `seed.sft` or when done."""
+        sft = self.cfg.seed.sft
+        if sft is None:
+            return {}
+        self.store.ensure_iteration(self.run_id, 0, sampler_model=self.base_model())
+        if not self._stage(0, "train"):
+            return self.store.iteration(self.run_id, 0)["train_metrics"] or {}
+
+        def work():
+            from engine.training import invalid_sft_items, sft_examples, train_sft  # heavy (TRL)
+
+            items = self.store.items(sft.dataset, _split(sft.split))
+            items = self._uncontaminated(items, sft.dataset, _split(sft.split), "seed SFT")
+            # Items without gold feedback cannot teach a rationale: left out, counted and reported.
+            invalid = invalid_sft_items(items)
+            if invalid:
+                items = items.filter(~pl.col("item_id").is_in(list(invalid)))
+                self.log(f"[iter 0] seed SFT: left out {len(invalid)} items without usable gold judgments")
+            if sft.max_items:
+                items = items.head(sft.max_items)
+            if items.height == 0:
+                raise StoreError(f"seed SFT: dataset {sft.dataset!r} (split {sft.split}) has no item with gold "
+                                 "feedback and a 1-5 gold score")
+            self.store.put_run_report(self.run_id, "seed_sft", {
+                "dataset": sft.dataset, "split": sft.split, "examples": items.height,
+                "left_out": {str(k): v for k, v in list(invalid.items())[:50]}, "left_out_count": len(invalid)})
+            examples = sft_examples(items)
+            out_dir = self.run_dir / "checkpoints" / "iter-0-sft"
+            self.log(f"[iter 0] seed SFT: {len(examples)} gold judgments of {sft.dataset} -> {out_dir}")
+            self._samplers.clear()
+            metrics = train_sft(model_path=self.base_model(), examples=examples, cfg=sft, out_dir=out_dir,
+                                device=self.cfg.sampling.device, log=self.log,
+                                progress=lambda d, t: self.log.progress(0, "train", d, t, echo=False))
+            self.store.set_stage(self.run_id, 0, "train", "done", checkpoint=str(out_dir), report=metrics)
+            return metrics
+        return self._guarded(0, "train", work)
 
     def sample(self, k: int) -> None:
         if k < 1:
@@ -156,7 +312,7 @@ class Runner:
 
         def work():
             s = self.cfg.sampling
-            items = self.store.items(self.cfg.train_dataset, "train", self.cfg.max_train_items)
+            items = self.train_items(k)
             requests = [JudgeRequest(it["item_id"], "a", absolute_messages(it)) for it in items.iter_rows(named=True)]
             params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                                     repetition_penalty=s.repetition_penalty, force_score=bool(s.force_score))
@@ -174,12 +330,32 @@ class Runner:
             return self.store.iteration(self.run_id, k)["curate_report"] or {}
 
         def work():
+            c = self.cfg.curation
+            ratings, rater = None, None
+            if c.strategy == "meta":
+                # The judge that wrote the judgments (iteration k-1's) rates them first; stored as it goes,
+                # so an interrupted curate resumes rating where it stopped.
+                from engine.meta import rate_for_curation
+
+                s = self.cfg.sampling
+                sampler = self.sampler(self.model_of(k - 1))
+                rater = sampler.model_name
+                self.log(f"[iter {k}] curate: meta-judge {rater} rates the judgments")
+                params = self._meta_params()
+                ratings = rate_for_curation(
+                    self.store, sampler, run_id=self.run_id, iteration=k, dataset=self.cfg.train_dataset,
+                    curation=c, params=params, batch_size=s.batch_size,
+                    progress=lambda d, t: self.log.progress(k, "curate", d, t, echo=False, step="meta"))
+
             def fn(judgments, golds):
-                result = curate(judgments, golds, self.cfg.curation)
-                return result.pairs, result.report
+                result = curate(judgments, golds, c, ratings=ratings)
+                report = result.report if rater is None else {**result.report, "rater_model": rater}
+                return result.pairs, report
             report = self.store.run_curation(self.run_id, k, self.cfg.train_dataset, fn)
             self.log(f"[iter {k}] curate: {report['pairs']} pairs from {report['items']} items;"
                      f" skipped {report['skipped']}")
+            for warning in report.get("warnings", []):
+                self.log(f"[iter {k}] curate: warning: {warning}")
             return report
         return self._guarded(k, "curate", work)
 
@@ -217,35 +393,103 @@ class Runner:
         return self._guarded(k, "train", work)
 
     def evaluate(self, k: int) -> dict:
+        if k == 0:
+            self._mark_seed_stages()
+            if not self.cfg.evaluate_seed:
+                self.store.set_stage(self.run_id, 0, "evaluate", "skipped")
+                return {}
         if not self._stage(k, "evaluate"):
             return self.store.run_status(self.run_id)["iterations"][k]["metrics"]
-        if k == 0:
-            seed = self.seed_model()
-            self.store.ensure_iteration(self.run_id, 0, sampler_model=seed)
-            for stage in ("sample", "curate", "train"):
-                self.store.set_stage(self.run_id, 0, stage, "skipped", checkpoint=seed if stage == "train" else None)
 
         def work():
             model = self.model_of(k)
-            e, s = self.cfg.evaluation, self.cfg.sampling
-            params = SamplingParams(temperature=e.temperature, top_p=s.top_p if e.temperature > 0 else 1.0,
-                                    max_new_tokens=e.max_new_tokens or s.max_new_tokens,
-                                    repetition_penalty=s.repetition_penalty, force_score=bool(s.force_score))
             results = {}
             for name in self.cfg.eval_datasets:
-                items = self.store.items(name, None if self.cfg.eval_split == "all" else self.cfg.eval_split,
-                                         self.cfg.max_eval_items)
-                sample_and_store(
-                    self.store, self.sampler(model), eval_requests(items), run_id=self.run_id, iteration=k,
-                    purpose="eval", n=e.n, params=params, base_seed=e.seed, batch_size=s.batch_size,
-                    progress=lambda d, t, name=name: self.log.progress(k, "evaluate", d, t, dataset=name),
-                )
-                judgments = self.store.judgments(self.run_id, k, "eval")
-                judgments = judgments.filter(judgments["item_id"].is_in(items["item_id"].implode()))
-                metrics = dataset_metrics(items, judgments)
-                self.store.put_metrics(self.run_id, k, name, metrics)
-                results[name] = metrics
-                self.log(f"[iter {k}] evaluate {name}: " + " ".join(f"{m}={v:.3f}" for m, v in metrics.items()))
+                items = self.store.items(name, _split(self.cfg.eval_split), self.cfg.max_eval_items)
+                results[name] = metrics = self._evaluate_dataset(k, name, items, model)
+                self.log(f"[iter {k}] evaluate {name}: " + " ".join(
+                    f"{m}={metrics[m]:.3f}" for m in metrics if m.rsplit("/", 1)[-1] in LOGGED))
             self.store.set_stage(self.run_id, k, "evaluate", "done")
             return results
         return self._guarded(k, "evaluate", work)
+
+    def _mark_seed_stages(self) -> None:
+        """Iteration 0 samples and curates nothing; it trains only when the config has a seed SFT."""
+        self.store.ensure_iteration(self.run_id, 0, sampler_model=self.base_model())
+        row = self.store.iteration(self.run_id, 0)
+        for stage in ("sample", "curate", "train"):
+            if stage == "train" and self.cfg.seed.sft is not None:
+                continue
+            if row[f"{stage}_status"] != "skipped":
+                self.store.set_stage(self.run_id, 0, stage, "skipped",
+                                     checkpoint=self.base_model() if stage == "train" else None)
+
+    def _evaluate_dataset(self, k: int, name: str, items: pl.DataFrame, model: str) -> dict[str, float]:
+        """Every evaluation method the config asks for on one dataset; metrics stored as '<method>/<metric>'
+        (no prefix for the main, greedy figures) and per-group breakdowns beside them."""
+        from engine.evaluation import EvalResult, confusion_breakdown, evaluate_judgments
+        from engine.relative import relative_breakdown, relative_metrics, relative_requests
+
+        e, s = self.cfg.evaluation, self.cfg.sampling
+        pairwise = items.height > 0 and items["kind"][0] == "pairwise"
+        sampler = self.sampler(model)
+        metrics: dict[str, float] = {}
+        budget = e.max_new_tokens or s.max_new_tokens
+        greedy = SamplingParams(temperature=e.temperature, top_p=s.top_p if e.temperature > 0 else 1.0,
+                                max_new_tokens=budget, repetition_penalty=s.repetition_penalty,
+                                force_score=bool(s.force_score))
+
+        def judge(purpose: str, requests, n: int, params: SamplingParams, seed: int) -> pl.DataFrame:
+            sample_and_store(
+                self.store, sampler, requests, run_id=self.run_id, iteration=k, purpose=purpose, n=n,
+                params=params, base_seed=seed, batch_size=s.batch_size,
+                progress=lambda d, t: self.log.progress(k, "evaluate", d, t, dataset=name, method=purpose),
+            )
+            judgments = self.store.judgments(self.run_id, k, purpose)
+            return judgments.filter(pl.col("item_id").is_in(items["item_id"].implode()))
+
+        def record(method: str, result, prefix: str) -> None:
+            metrics.update({prefix + m: v for m, v in result.metrics.items()})
+            rows = result.breakdowns
+            if result.confusion is not None:  # stored as group_by "confusion" rows
+                rows = pl.concat([rows, confusion_breakdown(result.confusion)], how="vertical_relaxed")
+            self.store.put_breakdowns(self.run_id, k, name, method, rows)
+
+        if e.greedy and (not pairwise or "absolute" in e.pairwise_modes):
+            judgments = judge("eval", eval_requests(items), e.n, greedy, e.seed)
+            record("greedy", evaluate_judgments(items, judgments, method="greedy", bootstrap=e.bootstrap,
+                                                seed=e.seed), "")
+        if pairwise and "relative" in e.pairwise_modes:
+            judgments = judge("relative", relative_requests(items), e.n, replace(greedy, mode="relative"), e.seed)
+            record("relative", EvalResult(relative_metrics(items, judgments), relative_breakdown(items, judgments),
+                                          None), "relative/")
+        if k == 0 and e.baselines:
+            sampled = SamplingParams(temperature=e.baseline_temperature, top_p=s.top_p, max_new_tokens=budget,
+                                     repetition_penalty=s.repetition_penalty, force_score=bool(s.force_score))
+            judgments = judge("baseline", eval_requests(items), e.baseline_n, sampled, e.seed + 1)
+            if "self-consistency" in e.baselines:
+                for method in ("self-consistency-mean", "self-consistency-majority"):
+                    record(method, evaluate_judgments(items, judgments, method=method, bootstrap=e.bootstrap,
+                                                      seed=e.seed), f"{method}/")
+            if "best-of-n" in e.baselines:
+                ratings = self._meta_ratings(k, "baseline", judgments, items, sampler)
+                record("best-of-n", evaluate_judgments(items, judgments, method="best-of-n", ratings=ratings,
+                                                       bootstrap=e.bootstrap, seed=e.seed), "best-of-n/")
+        self.store.put_metrics(self.run_id, k, name, metrics)
+        return metrics
+
+    def _meta_params(self) -> SamplingParams:
+        """Meta-judge ratings: greedy, and always forced, so every judgment gets a rating to rank by."""
+        return SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.cfg.curation.meta_max_new_tokens,
+                              repetition_penalty=self.cfg.sampling.repetition_penalty, force_score=True)
+
+    def _meta_ratings(self, k: int, purpose: str, judgments: pl.DataFrame, items: pl.DataFrame,
+                      sampler: Sampler) -> pl.DataFrame:
+        """The judge's meta-ratings of `judgments` (rated now where missing), by this judge only."""
+        from engine.meta import rate_judgments
+
+        rate_judgments(self.store, sampler, judgments, items, run_id=self.run_id, iteration=k, params=self._meta_params(),
+                       batch_size=self.cfg.sampling.batch_size,
+                       progress=lambda d, t: self.log.progress(k, "evaluate", d, t, method="meta-judge"))
+        ratings = self.store.meta_ratings(self.run_id, k, purpose)
+        return ratings.filter(pl.col("rater_model") == sampler.model_name)

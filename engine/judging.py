@@ -23,8 +23,15 @@ from store import Store, judgment_id
 @dataclass(frozen=True)
 class JudgeRequest:
     item_id: str
-    side: str                 # "a" = response, "b" = response_b of a pairwise item
+    side: str                 # "a" = response, "b" = response_b of a pairwise item; relative (A/B) judging:
+                              # "ab" (A = response) or "ba" (A = response_b), see engine.relative
     messages: list[dict]
+
+
+def _five(probs: Sequence[float] | None) -> list[float | None]:
+    """p1..p5: P(1..5), or P(A), P(B) then nulls for a relative judgment, or all null without probabilities."""
+    probs = list(probs or [])
+    return probs + [None] * (5 - len(probs))
 
 
 def sample_and_store(
@@ -32,7 +39,10 @@ def sample_and_store(
     purpose: str, n: int, params: SamplingParams, base_seed: int, batch_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Generate the missing judgments of `requests` (n each); returns how many were written."""
+    """Generate the missing judgments of `requests` (n each); returns how many were written.
+
+    Relative mode (``params.mode == "relative"``) stores the verdict A/B in ``verdict`` and P(A), P(B) in
+    p1, p2 (p3..p5 null); ``score`` is null."""
     have = store.judgment_keys(run_id, iteration, purpose)
     # Group requests by which sample indices are missing, so one generate() call shares one n.
     todo: dict[tuple[int, ...], list[JudgeRequest]] = defaultdict(list)
@@ -57,7 +67,7 @@ def sample_and_store(
             rows = []
             for req, per_item in zip(batch, samples):
                 for j, s in zip(indices, per_item):
-                    probs = s.score_probs or [None] * 5
+                    probs = _five(s.score_probs)
                     rows.append({
                         "judgment_id": judgment_id(run_id, iteration, purpose, req.item_id, req.side, j),
                         "run_id": run_id, "iteration": iteration, "purpose": purpose, "item_id": req.item_id,
@@ -68,6 +78,7 @@ def sample_and_store(
                         "forced": s.forced, **{f"p{k + 1}": probs[k] for k in range(5)},
                         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
                         "latency_s": s.latency_s if s.latency_s is not None else elapsed / max(1, len(batch)),
+                        "verdict": s.verdict,
                     })
             written += store.insert_judgments(rows)
             done += len(batch)

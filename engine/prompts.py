@@ -218,12 +218,16 @@ def absolute_messages(item: Mapping, response_key: str = "response") -> list[dic
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def relative_messages(item: Mapping) -> list[dict]:
-    """System + user messages comparing ``item["response"]`` (A) with ``item["response_b"]`` (B)."""
+def relative_messages(item: Mapping, swap: bool = False) -> list[dict]:
+    """System + user messages comparing ``item["response"]`` (A) with ``item["response_b"]`` (B).
+
+    ``swap=True`` shows them the other way round (A = response_b): judging both orders exposes position bias.
+    """
+    first, second = ("response_b", "response") if swap else ("response", "response_b")
     user = render_relative(
         item["instruction"],
-        item["response"],
-        item["response_b"],
+        item[first],
+        item[second],
         _criteria_from_item(item),
         reference=item.get("reference"),
     )
@@ -243,3 +247,71 @@ def format_judgment(rationale: str, score: int | str) -> str:
         raise ValueError(f"score must be an integer 1..5 or 'A'/'B', got {score!r}")
     rationale = rationale.strip()
     return f"{rationale} {RESULT_MARKER} {score}" if rationale else f"{RESULT_MARKER} {score}"
+
+
+# --- Meta-judge --------------------------------------------------------------------------------------------
+# The judge rates a judgment (feedback + score) of one response: meta curation ranks an item's sampled
+# judgments by this rating, and best-of-N keeps the highest rated. The paper found its meta-judge favoured
+# judgments with high scores, so the task says outright that the quality of the feedback is what is rated.
+
+META_RUBRIC = Rubric(
+    criteria=(
+        "Is the feedback an accurate, specific assessment of the response against the score rubric, with a "
+        "score that follows from it?"
+    ),
+    descriptions=(
+        "The feedback is wrong about the response or ignores the score rubric, or its score contradicts what "
+        "it says.",
+        "The feedback is mostly generic or partly wrong about the response; its score is poorly supported.",
+        "The feedback is broadly right but vague or incomplete on the rubric's criteria; its score is plausible "
+        "but weakly justified.",
+        "The feedback is accurate and grounded in the rubric, with minor gaps; its score follows from it.",
+        "The feedback is accurate, specific and grounded in the rubric, naming what the response does well and "
+        "badly; its score follows exactly from the feedback and the rubric.",
+    ),
+)
+
+_META_TASK = """###Task Description:
+An instruction (might include an Input inside it), a response to evaluate, {given}, a score rubric representing an evaluation criteria, and an evaluator's feedback on the response ending in the score it gave are given.
+1. Write a short assessment of the quality of the feedback, not of the response: is it accurate about the response, grounded in the score rubric, specific, and does its score follow from it? A low score can be excellent feedback.
+2. After the assessment, rate the feedback with an integer between 1 and 5. You should refer to the feedback quality rubric.
+3. The output format should look as follows: "(a short assessment of the feedback) [RESULT] (an integer number between 1 and 5)"
+4. Please do not generate any other opening, closing, and explanations.
+"""
+
+_META_SECTIONS = """
+###The instruction to evaluate:
+{instruction}
+
+###Response to evaluate:
+{response}
+{reference_section}
+###Score Rubrics:
+{rubric}
+
+###Feedback to rate:
+{feedback}
+
+###Feedback Quality Rubric:
+{meta_rubric}
+
+###Assessment: """
+
+META_TEMPLATE = _META_TASK.replace("{given}", "a reference answer that gets a score of 5") + _META_SECTIONS
+META_TEMPLATE_NO_REF = _META_TASK.replace(", {given},", ",") + _META_SECTIONS
+
+
+def render_meta(instruction: str, response: str, rubric: Rubric, feedback: str, reference: str | None = None) -> str:
+    """The user turn for rating one judgment (`feedback`: its text, "<rationale> [RESULT] <score>") 1-5."""
+    fields = dict(instruction=instruction, response=response, rubric=rubric.render(), feedback=feedback.strip(),
+                  meta_rubric=META_RUBRIC.render())
+    if _has_reference(reference):
+        return META_TEMPLATE.format(reference_section=f"\n###Reference Answer (Score 5):\n{reference}\n", **fields)
+    return META_TEMPLATE_NO_REF.format(reference_section="", **fields)
+
+
+def meta_messages(item: Mapping, judgment_text: str, response_key: str = "response") -> list[dict]:
+    """System + user messages asking the meta-judge to rate a judgment of ``item[response_key]``."""
+    user = render_meta(item["instruction"], item[response_key], rubric_from_item(item), judgment_text,
+                       reference=item.get("reference"))
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]

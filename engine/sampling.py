@@ -24,6 +24,10 @@ Why not ``model.generate``: it can give none of the three things the loop below 
    cache while the other rows keep generating; if its free text had no valid score, the score is drawn
    from those five probabilities (``forced=True``). A row stops as soon as it writes a score digit after
    the marker (so a "[RESULT] 10" would end as "[RESULT] 1"; the prompt asks for an integer 1-5).
+
+Relative mode (``SamplingParams(mode="relative")``, A/B judging): the same loop with the verdicts "A"/"B" in
+place of the five scores: the text is parsed as relative, ``score_probs`` is [P(A), P(B)], forcing closes
+it with " [RESULT] A|B", and the result is ``Sample.verdict`` (``score`` stays None).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -42,6 +46,7 @@ from engine.parsing import Judgment, ParseStatus, parse_judgment
 from engine.prompts import RESULT_MARKER
 
 SCORES = (1, 2, 3, 4, 5)
+VERDICTS = ("A", "B")  # relative mode: the better response, as the judge names it
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,11 @@ class SamplingParams:
     max_new_tokens: int = 256  # budget for the free text (the forced " [RESULT] k" comes on top)
     repetition_penalty: float = 1.0  # HF/vLLM semantics over prompt + generated tokens; 1.0 = off
     force_score: bool = False  # close a rationale that lacks a valid score with " [RESULT] k"
+    mode: Literal["absolute", "relative"] = "absolute"  # relative: the result is a verdict "A"/"B", not 1-5
 
     def __post_init__(self) -> None:
+        if self.mode not in ("absolute", "relative"):
+            raise ValueError(f"mode must be 'absolute' or 'relative', got {self.mode!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -68,14 +76,16 @@ class Sample:
     text: str  # final judgment text (free text, plus " [RESULT] k" when the score was forced)
     raw_text: str  # exactly what the model generated freely (special tokens stripped)
     rationale: str
-    score: int | None  # parsed score, else the forced score when force_score, else None
-    parse_status: str  # ParseStatus value of parse_judgment(raw_text, truncated=hit_budget)
+    score: int | None  # parsed score, else the forced score when force_score, else None; None in relative mode
+    parse_status: str  # ParseStatus value of parse_judgment(raw_text, truncated=hit_budget, mode=mode)
     forced: bool
-    score_probs: list[float] | None  # P(score=1..5) at the score position; None: no marker, no forcing
+    # P(score=1..5) at the score position (relative mode: [P(A), P(B)]); None: no marker, no forcing
+    score_probs: list[float] | None
     prompt_tokens: int
     completion_tokens: int  # tokens of `text` after the prompt (free tokens, + marker and score if forced)
     latency_s: float  # this sample's share of its batch's wall time
     seed: int
+    verdict: str | None = None  # relative mode: "A"/"B" as for `score` (parsed, else forced); None in absolute
 
 
 class Sampler(Protocol):
@@ -106,11 +116,22 @@ def _check_seeds(prompts: Sequence, n: int, seeds: Sequence[Sequence[int]]) -> N
         raise ValueError(f"seeds must be {len(prompts)} lists of {n} seeds (one per prompt and sample)")
 
 
-def _valid_score(j: Judgment) -> bool:
-    return j.status is ParseStatus.OK and isinstance(j.score, int) and j.score in SCORES
+def _labels(mode: str) -> tuple:
+    """What the token after the result marker can be: the five scores, or the two verdicts."""
+    return VERDICTS if mode == "relative" else SCORES
 
 
-def _forced_text(raw_text: str, score: int) -> str:
+def _valid_score(j: Judgment, labels: tuple = SCORES) -> bool:
+    # parse_judgment has already checked the range; `labels` guards against a mode mix-up.
+    return j.status is ParseStatus.OK and not isinstance(j.score, bool) and j.score in labels
+
+
+def _split_result(result: int | str | None, mode: str) -> tuple[int | None, str | None]:
+    """(score, verdict) for a Sample: the result goes to the field of the mode, the other stays None."""
+    return (None, result) if mode == "relative" else (result, None)
+
+
+def _forced_text(raw_text: str, score: int | str) -> str:
     """The free text closed with " [RESULT] k" (just " k" when it already ends with the marker)."""
     text = raw_text.rstrip()
     if text.endswith(RESULT_MARKER):
@@ -123,11 +144,12 @@ def _forced_text(raw_text: str, score: int) -> str:
 
 @dataclass(frozen=True)
 class ScoreTokens:
-    """How this tokenizer writes " [RESULT] k": the marker's ids and one single-token id per score."""
+    """How this tokenizer writes " [RESULT] k": the marker's ids and one single-token id per label (the
+    scores 1..5, or the verdicts A, B)."""
 
     marker: str  # " [RESULT] " (digits follow directly) or " [RESULT]" (scores are " 1".." 5")
     marker_ids: tuple[int, ...]
-    score_ids: tuple[int, ...]  # five ids, for scores 1..5
+    score_ids: tuple[int, ...]  # one id per label, in order: scores 1..5 (absolute) or A, B (relative)
 
     @property
     def tail(self) -> str:
@@ -135,26 +157,29 @@ class ScoreTokens:
         return self.marker.lstrip()
 
 
-def find_score_tokens(tokenizer) -> ScoreTokens:
-    """Work out the marker and score token ids from the tokenizer (no model-specific constants)."""
+def find_score_tokens(tokenizer, labels: Sequence[int | str] = SCORES) -> ScoreTokens:
+    """Work out the marker and the token ids of `labels` (default: scores 1..5; ``VERDICTS`` for A/B) from
+    the tokenizer (no model-specific constants)."""
 
     def enc(s: str) -> list[int]:
         return list(tokenizer.encode(s, add_special_tokens=False))
 
-    # Preferred: " [RESULT] " then a bare digit token (SmolLM2, Llama-3: digits are single tokens).
-    # Fallback: " [RESULT]" then " k" as one token (tokenizers that merge the space into the digit).
+    # Preferred: " [RESULT] " then a bare label token (SmolLM2, Llama-3: digits are single tokens).
+    # Fallback: " [RESULT]" then " k" as one token (tokenizers that merge the space into the label; SmolLM2
+    # does so for letters: " [RESULT] A" ends in the token " A").
     for marker, score_text in ((f" {RESULT_MARKER} ", "{k}"), (f" {RESULT_MARKER}", " {k}")):
         marker_ids = enc(marker)
         score_ids = []
-        for k in SCORES:
+        for k in labels:
             full = enc(marker + score_text.format(k=k))
             if full[: len(marker_ids)] == marker_ids and len(full) == len(marker_ids) + 1:
                 score_ids.append(full[-1])
-        if marker_ids and len(set(score_ids)) == 5:
+        if marker_ids and len(set(score_ids)) == len(labels):
             return ScoreTokens(marker, tuple(marker_ids), tuple(score_ids))
+    example = f" {RESULT_MARKER} {labels[-1]}"
     raise ValueError(
-        f"this tokenizer does not write the scores after {RESULT_MARKER!r} as single tokens "
-        f"(encode(' {RESULT_MARKER} 4') = {enc(f' {RESULT_MARKER} 4')}); score forcing needs them"
+        f"this tokenizer does not write {', '.join(map(str, labels))} after {RESULT_MARKER!r} as single tokens "
+        f"(encode({example!r}) = {enc(example)}); score forcing needs them"
     )
 
 
@@ -242,7 +267,7 @@ class _Row:
     queue: list[int] = field(default_factory=list)  # PROBE: marker tokens still to feed
     probe_tokens: int = 0  # marker tokens fed by the probe
     free_score_token: int | None = None  # the score digit the row wrote itself after the marker
-    forced_score: int | None = None
+    forced_score: int | str | None = None  # a score 1..5, or a verdict "A"/"B" in relative mode
     judgment: Judgment | None = None  # parse of the free text, set when free generation ends
 
 
@@ -330,6 +355,7 @@ class TransformersSampler:
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.score_tokens = find_score_tokens(tokenizer)
+        self._verdict_tokens: ScoreTokens | None = None  # found on first relative call: absolute needs none
         self.stop_ids = self._stop_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._token_texts: dict[int, str] = {}
@@ -345,6 +371,14 @@ class TransformersSampler:
         if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
             ids.add(im_end)
         return frozenset(i for i in ids if i is not None)
+
+    def result_tokens(self, mode: str) -> ScoreTokens:
+        """The marker and label tokens of `mode`: scores 1..5 (absolute) or verdicts A, B (relative)."""
+        if mode != "relative":
+            return self.score_tokens
+        if self._verdict_tokens is None:
+            self._verdict_tokens = find_score_tokens(self.tokenizer, VERDICTS)
+        return self._verdict_tokens
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         """Chat template with the generation prompt, as token ids (the template carries its own specials)."""
@@ -365,12 +399,13 @@ class TransformersSampler:
         if not prompts:
             return []
         t0 = time.perf_counter()
+        st = self.result_tokens(params.mode)
         prompt_ids = [self.encode_prompt(m) for m in prompts]
         flat_seeds = [int(s) for per_prompt in seeds for s in per_prompt]
-        rows = self._decode(prompt_ids, n, params, flat_seeds, progress)
+        rows = self._decode(prompt_ids, n, params, st, flat_seeds, progress)
         share = (time.perf_counter() - t0) / len(rows)
         return [
-            [self._to_sample(rows[i * n + j], params, len(prompt_ids[i]), share) for j in range(n)]
+            [self._to_sample(rows[i * n + j], params, st, len(prompt_ids[i]), share) for j in range(n)]
             for i in range(len(prompts))
         ]
 
@@ -378,8 +413,10 @@ class TransformersSampler:
 
     @torch.inference_mode()
     def _decode(
-        self, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: list[int], progress: bool
+        self, prompt_ids: list[list[int]], n: int, params: SamplingParams, st: ScoreTokens, seeds: list[int],
+        progress: bool,
     ) -> list[_Row]:
+        # st: the result marker and label tokens of params.mode, used by every row's state machine
         dev = self.device
         rows = [_Row(seed=s, generator=torch.Generator(device=dev).manual_seed(s)) for s in seeds]
 
@@ -387,7 +424,7 @@ class TransformersSampler:
         ids, mask = self._left_pad(prompt_ids)  # [B, L] each
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: real tokens at 0..len-1
         # room for the prompt, the free tokens, and a probed " [RESULT] k"
-        capacity = ids.shape[1] + params.max_new_tokens + len(self.score_tokens.marker_ids) + 2
+        capacity = ids.shape[1] + params.max_new_tokens + len(st.marker_ids) + 2
         cache = _preallocated_cache(self.model.config, capacity)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                          logits_to_keep=1, **{self._cache_kw: cache})
@@ -410,7 +447,7 @@ class TransformersSampler:
             bar = tqdm(total=params.max_new_tokens, desc="decode", unit="tok", leave=False)
         step = 0
         while True:
-            feed = self._advance([rows[i] for i in live], logits, params, seen)  # [R_live] token ids
+            feed = self._advance([rows[i] for i in live], logits, params, st, seen)  # [R_live] token ids
             keep = [k for k, i in enumerate(live) if rows[i].state != DONE]
             if not keep:
                 break
@@ -433,11 +470,11 @@ class TransformersSampler:
         return rows
 
     def _advance(
-        self, rows: list[_Row], logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None
+        self, rows: list[_Row], logits: torch.Tensor, params: SamplingParams, st: ScoreTokens,
+        seen: torch.Tensor | None,
     ) -> torch.Tensor:
         """One step of every row's state machine, given its next-token logits; returns the tokens to feed."""
         # logits: [R, V]; rows[k] is batch position k
-        st = self.score_tokens
         score_ids = torch.tensor(st.score_ids, device=logits.device)
         free = [k for k, row in enumerate(rows) if row.state == FREE]
         sampled = None
@@ -453,7 +490,7 @@ class TransformersSampler:
         feed = [self.pad_id] * len(rows)
         for k, row in enumerate(rows):
             recorded_now = False
-            if row.at_score:  # these logits are the score position: record P(1..5)
+            if row.at_score:  # these logits are the score position: record P(1..5) (relative: P(A), P(B))
                 row.score_probs = logits[k, score_ids].float().softmax(-1).tolist()
                 row.at_score = False
                 recorded_now = True
@@ -468,37 +505,39 @@ class TransformersSampler:
                 continue
             tok = chosen[k]
             if tok in self.stop_ids:
-                feed[k] = self._end_free(row, params, pending=None, at_score_now=recorded_now)
+                feed[k] = self._end_free(row, params, st, pending=None, at_score_now=recorded_now)
                 continue
             row.tokens.append(tok)
             if recorded_now and tok in st.score_ids:  # the row wrote its own score: complete
                 row.free_score_token = tok
-                feed[k] = self._end_free(row, params, pending=None, at_score_now=True)
+                feed[k] = self._end_free(row, params, st, pending=None, at_score_now=True)
             elif len(row.tokens) >= params.max_new_tokens:
                 row.hit_budget = True
-                feed[k] = self._end_free(row, params, pending=tok, at_score_now=False)
+                feed[k] = self._end_free(row, params, st, pending=tok, at_score_now=False)
             else:
                 feed[k] = tok
-                row.at_score = self._ends_with_marker(row.tokens)
+                row.at_score = self._ends_with_marker(row.tokens, st)
         return torch.tensor(feed, device=logits.device)
 
-    def _end_free(self, row: _Row, params: SamplingParams, pending: int | None, at_score_now: bool) -> int:
+    def _end_free(
+        self, row: _Row, params: SamplingParams, st: ScoreTokens, pending: int | None, at_score_now: bool
+    ) -> int:
         """Free generation ended (stop token, score written, or budget): parse, then probe or finish.
 
         `pending`: the last sampled token, not yet fed (budget end). `at_score_now`: this step's logits
         were the score position (score_probs fresh). Returns the token to feed now."""
-        row.judgment = parse_judgment(self._text(row.tokens), truncated=row.hit_budget)
+        row.judgment = parse_judgment(self._text(row.tokens), truncated=row.hit_budget, mode=params.mode)
         if row.free_score_token is not None or not params.force_score:
             return self._finish(row)
-        if _valid_score(row.judgment) and row.score_probs is not None:
+        if _valid_score(row.judgment, _labels(params.mode)) and row.score_probs is not None:
             return self._finish(row)
         if at_score_now:  # stopped right after writing the marker: the probe's reading is already here
             self._close_probe(row, params)
             return self.pad_id
         # Probe: feed (pending token +) the marker, read P(1..5) at the score position.
         row.state, row.score_probs = PROBE, None
-        marker = list(self.score_tokens.marker_ids)
-        if pending is not None and self._ends_with_marker(row.tokens):
+        marker = list(st.marker_ids)
+        if pending is not None and self._ends_with_marker(row.tokens, st):
             marker = []  # the budget ran out right on the marker: the score position is next
         row.probe_tokens = len(marker)
         row.queue = ([pending] if pending is not None else []) + marker
@@ -507,15 +546,16 @@ class TransformersSampler:
         return tok
 
     def _close_probe(self, row: _Row, params: SamplingParams) -> None:
-        """The probe read P(1..5); draw the score from it (row generator; argmax when greedy) unless the
-        free text had a valid score of its own."""
-        if not _valid_score(row.judgment):
+        """The probe read P(1..5) (or P(A), P(B)); draw the result from it (row generator; argmax when greedy)
+        unless the free text had a valid one of its own."""
+        labels = _labels(params.mode)
+        if not _valid_score(row.judgment, labels):
             probs = torch.tensor(row.score_probs, device=row.generator.device)
             if params.temperature == 0:
                 pick = int(probs.argmax())
             else:
                 pick = int(torch.multinomial(probs, 1, generator=row.generator).item())
-            row.forced_score = SCORES[pick]
+            row.forced_score = labels[pick]
         self._finish(row)
 
     def _finish(self, row: _Row) -> int:
@@ -534,11 +574,11 @@ class TransformersSampler:
     def _text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _ends_with_marker(self, tokens: list[int]) -> bool:
-        if not self._token_text(tokens[-1]).endswith(self.score_tokens.tail[-1]):
+    def _ends_with_marker(self, tokens: list[int], st: ScoreTokens) -> bool:
+        if not self._token_text(tokens[-1]).endswith(st.tail[-1]):
             return False  # cheap pre-check: the last token must end like the marker
-        tail = self.tokenizer.decode(tokens[-(len(self.score_tokens.marker_ids) + 2):], skip_special_tokens=True)
-        return tail.endswith(self.score_tokens.tail)
+        tail = self.tokenizer.decode(tokens[-(len(st.marker_ids) + 2):], skip_special_tokens=True)
+        return tail.endswith(st.tail)
 
     def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompt_ids)
@@ -549,9 +589,12 @@ class TransformersSampler:
             mask[b, width - len(p):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _to_sample(self, row: _Row, params: SamplingParams, prompt_tokens: int, latency_s: float) -> Sample:
+    def _to_sample(
+        self, row: _Row, params: SamplingParams, st: ScoreTokens, prompt_tokens: int, latency_s: float
+    ) -> Sample:
         judgment = row.judgment
-        score = judgment.score if _valid_score(judgment) else None
+        labels = _labels(params.mode)
+        score = judgment.score if _valid_score(judgment, labels) else None  # the result: a score or a verdict
         text, forced, completion = judgment.raw, False, len(row.tokens)
         if score is None and row.forced_score is not None:  # closed by the probe
             score, forced = row.forced_score, True
@@ -560,7 +603,8 @@ class TransformersSampler:
         elif score is None and params.force_score and row.free_score_token is not None:
             # The row wrote "[RESULT] k" itself but the parser rejects the whole (e.g. ambiguous): keep
             # the text, take the digit the model drew at the score position.
-            score, forced = SCORES[self.score_tokens.score_ids.index(row.free_score_token)], True
+            score, forced = labels[st.score_ids.index(row.free_score_token)], True
+        score, verdict = _split_result(score, params.mode)
         return Sample(
             text=text,
             raw_text=judgment.raw,
@@ -573,6 +617,7 @@ class TransformersSampler:
             completion_tokens=completion,
             latency_s=latency_s,
             seed=row.seed,
+            verdict=verdict,
         )
 
 
@@ -582,10 +627,10 @@ class TransformersSampler:
 class FakeSampler:
     """A scripted sampler for tests: ``script(messages, sample_index, seed) -> text``, no model.
 
-    The text is parsed like a model's. Scored texts get one-hot ``score_probs``; under ``force_score`` a
-    text without a valid score gets a score drawn from its seed and uniform probabilities. A text longer
-    than ``max_new_tokens`` whitespace tokens is cut there and parsed as truncated. Token counts are
-    whitespace word counts."""
+    The text is parsed like a model's (as relative under ``mode="relative"``: a verdict A/B). Scored texts get
+    one-hot ``score_probs``; under ``force_score`` a text without a valid score gets a score (verdict) drawn
+    from its seed and uniform probabilities. A text longer than ``max_new_tokens`` whitespace tokens is cut
+    there and parsed as truncated. Token counts are whitespace word counts."""
 
     def __init__(self, script: Callable[[list[dict], int, int], str], model_name: str = "fake"):
         self.script = script
@@ -608,15 +653,17 @@ class FakeSampler:
         truncated = len(words) > params.max_new_tokens
         if truncated:
             raw = " ".join(words[: params.max_new_tokens])
-        judgment = parse_judgment(raw, truncated=truncated)
+        judgment = parse_judgment(raw, truncated=truncated, mode=params.mode)
+        labels = _labels(params.mode)
         text, forced, score, probs = raw, False, None, None
-        if _valid_score(judgment):
+        if _valid_score(judgment, labels):
             score = judgment.score
-            probs = [1.0 if k == score else 0.0 for k in SCORES]
+            probs = [1.0 if k == score else 0.0 for k in labels]
         elif params.force_score:
-            score, forced = random.Random(seed).choice(SCORES), True
-            probs = [1.0 / len(SCORES)] * len(SCORES)
+            score, forced = random.Random(seed).choice(labels), True
+            probs = [1.0 / len(labels)] * len(labels)
             text = _forced_text(raw, score)
+        score, verdict = _split_result(score, params.mode)
         return Sample(
             text=text,
             raw_text=raw,
@@ -629,6 +676,7 @@ class FakeSampler:
             completion_tokens=len(text.split()),
             latency_s=0.0,
             seed=seed,
+            verdict=verdict,
         )
 
 

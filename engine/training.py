@@ -1,4 +1,9 @@
-"""DPO on curated judgment pairs (TRL `DPOTrainer`), written as one idempotent stage.
+"""Training stages, each one idempotent and atomic: the seed SFT (TRL `SFTTrainer`) that makes J_SFT from gold
+rationales, and DPO on curated judgment pairs (TRL `DPOTrainer`) for every later iteration.
+
+    examples = sft_examples(store.items("cia", "train"))     # [{"prompt": [system, user], "completion": ...}]
+    metrics = train_sft(model_path="HuggingFaceTB/SmolLM2-135M-Instruct", examples=examples,
+                        cfg=SFTConfig(dataset="cia"), out_dir=Path("runs/r1/checkpoints/iter-0-sft"))
 
     pairs = [{"prompt": [{"role": "system", ...}, {"role": "user", ...}],
               "chosen": "<rationale> [RESULT] 4", "rejected": "<rationale> [RESULT] 1"}, ...]
@@ -6,10 +11,18 @@
                         cfg=TrainingConfig(), out_dir=Path("runs/r1/iter1"))
 
 The output dir is a plain full checkpoint (LoRA adapters are merged), so the next iteration samples from it
-like from any model dir. It also carries `selfrat_checkpoint.json`: lineage (policy, reference), the
-TrainingConfig, the pair count and the run's metrics. The dir appears atomically (trained in a `.tmp` sibling,
-then `os.replace`d), so a present `selfrat_checkpoint.json` means a finished stage, and calling `train_dpo`
-again returns its stored metrics without training.
+like from any model dir. It also carries `selfrat_checkpoint.json`: its kind ("sft" or "dpo"), lineage, the
+stage's config, the example/pair count and the run's metrics. The dir appears atomically (trained in a `.tmp`
+sibling, then `os.replace`d), so a present `selfrat_checkpoint.json` means a finished stage, and calling the
+stage again returns its stored metrics without training.
+
+DPO loss (TRL 1.16 has no `rpo_alpha`, and its `sigmoid` loss ignores `label_smoothing`; both are built from
+the loss types TRL combines as `sum(w_i * loss_i)`, see `dpo_loss_terms`):
+- `loss: sigmoid+sft` adds TRL's `sft` term, the mean per-token NLL of the chosen judgment, with weight
+  `sft_weight` (RPO / Self-Taught Evaluator).
+- `label_smoothing: e` is conservative DPO (cDPO), -(1-e) log s(x) - e log s(-x) with x = beta * margin. TRL's
+  `robust` loss with the same e is (-(1-e) log s(x) + e log s(-x)) / (1-2e), so
+  cDPO = 2(1-e) * sigmoid - (1-2e) * robust exactly; written out, cDPO(x) = -log s(x) + e * x.
 
 Precision: the weights are always loaded and trained in fp32 (master weights); `bf16` means bf16 autocast
 (TRL's `bf16=True`), not bf16 weights. With lr ~5e-6, Adam's per-step update is below bf16's resolution for
@@ -24,21 +37,110 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.config import TrainingConfig
+from engine.config import SFTConfig, TrainingConfig
+from engine.prompts import absolute_messages, format_judgment
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (the CLI and UI import this module)
     import datasets
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    import polars as pl
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 CHECKPOINT_FILE = "selfrat_checkpoint.json"
 
 # TRL's per-step log keys, averaged over the run and reported under "train/".
 _TRL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+# --- Examples -------------------------------------------------------------------------------------------
+
+
+def _round_half_up(x: float) -> int:
+    # Python's round() is banker's rounding (2.5 -> 2); gold means of several graders round up, as in curation.
+    return math.floor(x + 0.5)
+
+
+def _sft_problem(item: Mapping) -> str | None:
+    """Why `item` cannot be a seed SFT example, or None if it can."""
+    feedback = item.get("gold_feedback")
+    if not isinstance(feedback, str) or not feedback.strip():
+        return "no gold_feedback"
+    gold = item.get("gold_score")
+    if gold is None or isinstance(gold, bool) or not isinstance(gold, (int, float)) or math.isnan(gold):
+        return "no gold_score"
+    if _round_half_up(gold) not in range(1, 6):
+        return f"gold_score {gold} is not in 1..5"
+    try:
+        absolute_messages(item)
+    except (KeyError, ValueError) as e:  # a missing column or a half-filled rubric
+        return f"cannot build the judge prompt: {e}"
+    return None
+
+
+def _item_name(item: Mapping) -> str:
+    row = item.get("source_row")
+    return f"item {item.get('item_id')}" + (f" (source row {row})" if row is not None else "")
+
+
+def invalid_sft_items(items: "pl.DataFrame") -> dict[Any, str]:
+    """item_id -> why the item cannot be a seed SFT example (no gold feedback, no gold score in 1..5, a broken
+    rubric). A caller that prefers skipping to failing drops these ids and reports the reasons."""
+    return {
+        item.get("item_id"): problem
+        for item in items.iter_rows(named=True)
+        if (problem := _sft_problem(item)) is not None
+    }
+
+
+def sft_examples(items: "pl.DataFrame") -> list[dict]:
+    """Items with gold feedback -> seed SFT examples in TRL's conversational prompt-completion shape:
+    `{"item_id", "prompt": absolute_messages(item), "completion": "<gold_feedback> [RESULT] <gold>"}`, the gold
+    score rounded half up (2.5 -> 3).
+
+    Raises ValueError naming every unusable item (item_id, source row, reason): a silently shorter SFT set
+    would hide an import problem. To skip them instead, filter out `invalid_sft_items(items)` first.
+    """
+    rows = list(items.iter_rows(named=True))
+    bad = [f"{_item_name(it)}: {p}" for it in rows if (p := _sft_problem(it)) is not None]
+    if bad:
+        shown = "; ".join(bad[:10]) + (f"; ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(f"{len(bad)} of {len(rows)} items cannot be seed SFT examples: {shown}")
+    return [
+        {
+            "item_id": it.get("item_id"),
+            "prompt": absolute_messages(it),
+            "completion": format_judgment(it["gold_feedback"], _round_half_up(it["gold_score"])),
+        }
+        for it in rows
+    ]
+
+
+def _sft_dataset(examples: Sequence[Mapping]) -> "datasets.Dataset":
+    """Examples -> TRL's conversational prompt-completion format (the completion is one assistant message),
+    for which SFTTrainer puts the loss on the completion tokens only."""
+    import datasets
+
+    rows = []
+    for i, ex in enumerate(examples):
+        missing = {"prompt", "completion"} - set(ex)
+        if missing:
+            raise ValueError(f"example {i} lacks {sorted(missing)}")
+        if not isinstance(ex["prompt"], list) or not ex["prompt"]:
+            raise ValueError(f"example {i}: prompt must be a non-empty list of chat messages")
+        if not isinstance(ex["completion"], str) or not ex["completion"].strip():
+            raise ValueError(f"example {i}: completion must be a non-empty string")
+        rows.append(
+            {
+                "prompt": [{"role": m["role"], "content": m["content"]} for m in ex["prompt"]],
+                "completion": [{"role": "assistant", "content": ex["completion"]}],
+            }
+        )
+    return datasets.Dataset.from_list(rows)
 
 
 def dpo_examples(pairs: Iterable[Mapping]) -> "datasets.Dataset":
@@ -63,12 +165,13 @@ def dpo_examples(pairs: Iterable[Mapping]) -> "datasets.Dataset":
     return datasets.Dataset.from_list(rows)
 
 
-def sequence_logprob(
+def token_logprobs(
     model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", messages: list[dict], completion: str
-) -> float:
-    """Sum of log p(completion tokens | prompt) under `model`, tokenized the way TRL's DPOTrainer does: the
-    chat template over messages + the assistant turn, the completion starting where it diverges from the
-    prompt rendered with the generation prompt (so the end-of-turn tokens count, as in training)."""
+) -> tuple[list[float], list[float]]:
+    """Per-token log-probabilities under `model` of (prompt tokens, completion tokens), tokenized the way
+    TRL's DPOTrainer and SFTTrainer do: the chat template over messages + the assistant turn, the completion
+    starting where it diverges from the prompt rendered with the generation prompt (so the end-of-turn tokens
+    count, as in training). The first prompt token has no context and is left out."""
     import torch
 
     def ids(msgs: list[dict], **kw: Any) -> list[int]:
@@ -89,8 +192,18 @@ def sequence_logprob(
     model.train(was_training)
     logps = torch.log_softmax(logits[0, :-1], dim=-1)  # (T-1, V): position t predicts token t+1
     targets = input_ids[0, 1:]  # (T-1,)
-    token_logps = logps.gather(-1, targets[:, None])[:, 0]
-    return float(token_logps[start - 1 :].sum())
+    token_logps = logps.gather(-1, targets[:, None])[:, 0].tolist()
+    return token_logps[: start - 1], token_logps[start - 1 :]
+
+
+def sequence_logprob(
+    model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", messages: list[dict], completion: str
+) -> float:
+    """Sum of log p(completion tokens | prompt) under `model` (tokenized as in `token_logprobs`)."""
+    return float(sum(token_logprobs(model, tokenizer, messages, completion)[1]))
+
+
+# --- Shared by both stages ------------------------------------------------------------------------------
 
 
 def _resolve_device(device: str) -> str:
@@ -101,6 +214,10 @@ def _resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
     return device
+
+
+def _resolve_precision(precision: str, dev: str) -> str:
+    return precision if precision != "auto" else ("bf16" if dev == "cuda" else "fp32")
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -115,12 +232,260 @@ def _read_finished(out_dir: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
+def _stored_metrics(out_dir: Path, say: Callable[[str], None]) -> dict[str, float] | None:
+    """The metrics of a finished checkpoint in `out_dir`, None if there is none yet. A non-empty dir without
+    the marker is refused rather than overwritten: it may be someone's model."""
+    done = _read_finished(out_dir)
+    if done is not None:
+        say(f"{out_dir} already holds a finished checkpoint; not retraining")
+        return {k: float(v) for k, v in done["metrics"].items()}
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not a finished selfrat checkpoint; move it away first")
+    return None
+
+
+@contextmanager
+def _checkpoint_dirs(out_dir: Path) -> Iterator[tuple[Path, Path]]:
+    """(tmp_dir, scratch): the checkpoint is written to tmp_dir and published by `_publish`; scratch is TRL's
+    output_dir, where nothing is saved (save_strategy no). Both are removed on exit, success or not."""
+    tmp_dir = out_dir.parent / f"{out_dir.name}.tmp"
+    scratch = out_dir.parent / f".{out_dir.name}.trl"
+    for d in (tmp_dir, scratch):
+        shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted run
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp_dir, scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # only still there if something failed
+
+
+def _trl_args(*, scratch: Path, dev: str, precision: str, seed: int, learning_rate: float, epochs: float,
+              batch_size: int, gradient_accumulation_steps: int, max_length: int) -> dict[str, Any]:
+    """TRL config fields that SFTConfig and DPOConfig share."""
+    return dict(
+        output_dir=str(scratch),
+        learning_rate=learning_rate,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        max_length=max_length,
+        seed=seed,
+        # TRL turns bf16 on unless told otherwise (even on CPU): always say which.
+        bf16=precision == "bf16",
+        fp16=False,
+        use_cpu=dev == "cpu",
+        # TRL defaults to (gradient) checkpointing; it only costs time on CPU-sized runs. transformers 5.24
+        # renamed it `activation_checkpointing` and warns on the old name, which TRL's default sets.
+        activation_checkpointing=dev == "cuda",
+        trust_remote_code=False,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # progress goes through `log`
+    )
+
+
+def _lora_config(r: int, alpha: int):
+    from peft import LoraConfig
+
+    # every linear projection except the LM head
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _step_logger(say: Callable[[str], None], progress: Callable[[int, int], None] | None,
+                 line: Callable[[dict], str]) -> "TrainerCallback":
+    """A callback that reports (done, total) steps and says "step i/n " + line(logs) after each step."""
+    from transformers import TrainerCallback
+
+    class _LineLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if progress:
+                progress(0, state.max_steps)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if progress:
+                progress(state.global_step, state.max_steps)
+            if logs and "loss" in logs:
+                say(f"step {state.global_step}/{state.max_steps} {line(logs)}")
+
+    return _LineLog()
+
+
+def _train(trainer) -> tuple[list[dict], int, float]:
+    """Runs the trainer: (log history, steps, runtime in s)."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log dict; `log` replaces it
+    result = trainer.train()
+    return trainer.state.log_history, trainer.state.global_step, float(result.metrics["train_runtime"])
+
+
+def _publish(trainer, tokenizer, *, lora: bool, tmp_dir: Path, out_dir: Path, record: dict) -> None:
+    """Saves the trained model (LoRA merged) with `record` as its marker and moves it into place."""
+    trained = trainer.model
+    if lora:
+        trained = trained.merge_and_unload()  # plain weights: the next stage needs no peft
+    trained.config.use_cache = True
+    trained.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    record = {**record, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    # The marker goes in last: a tmp dir without it is never mistaken for a finished checkpoint.
+    (tmp_dir / CHECKPOINT_FILE).write_text(json.dumps(record, indent=2, allow_nan=True))
+    if out_dir.exists():
+        out_dir.rmdir()  # empty (checked by `_stored_metrics`); os.replace would do it too, but only on POSIX
+    os.replace(tmp_dir, out_dir)
+
+
+def _load(model_path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # fp32 master weights: see the module docstring
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=False)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+# --- Seed SFT -------------------------------------------------------------------------------------------
+
+
+def _summarize_sft(log_history: list[dict], global_step: int, runtime_s: float, n_examples: int) -> dict[str, float]:
+    steps = [h for h in log_history if "loss" in h]  # per-step logs; the final summary has "train_loss"
+    losses = [float(h["loss"]) for h in steps]
+    out = {
+        "sft/loss": _mean(losses),
+        "sft/final_loss": losses[-1] if losses else math.nan,
+        "sft/steps": float(global_step),
+        "sft/runtime_s": runtime_s,
+        "sft/examples": float(n_examples),
+    }
+    accuracies = [float(h["mean_token_accuracy"]) for h in steps if "mean_token_accuracy" in h]
+    if accuracies:
+        out["sft/token_accuracy"] = _mean(accuracies)
+    return out
+
+
+def _cut_examples(prepared, n_examples: int, max_length: int) -> int:
+    """How many examples TRL cut at max_length (a cut judgment loses its "[RESULT] n" ending) or dropped
+    (the prompt alone filled max_length, leaving no completion token to train)."""
+    dropped = n_examples - len(prepared)
+    return dropped + sum(1 for ids in prepared["input_ids"] if len(ids) >= max_length)
+
+
+def train_sft(
+    *,
+    model_path: str,
+    examples: Sequence[Mapping],
+    cfg: SFTConfig,
+    out_dir: Path,
+    device: str = "auto",
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Fine-tune `model_path` on gold judgments (the seed judge J_SFT) and save a full checkpoint to `out_dir`.
+
+    Args:
+        model_path: the model to train (a checkpoint dir or hub id).
+        examples: mappings with `prompt` (chat messages) and `completion` (the target judgment text), as
+            `sft_examples` makes them. The loss is on the completion tokens only (TRL's prompt-completion
+            format), so the long judge prompt does not dilute it.
+        cfg: learning rate, scheduler, warmup, epochs, batch size, LoRA, precision ...
+        out_dir: where the checkpoint goes. If it already holds a finished checkpoint, nothing is trained
+            and its stored metrics are returned.
+        device: auto (cuda if available), cpu or cuda.
+        log: receives one line per optimizer step ("step 3/8 loss=2.1034 acc=0.4412").
+        progress: receives (steps done, total steps) at the start and after each logged step.
+
+    Returns:
+        `sft/loss` (mean over steps), `sft/final_loss`, `sft/steps`, `sft/runtime_s`, `sft/examples`, and
+        `sft/token_accuracy` (mean over steps of TRL's completion-token accuracy).
+    """
+    out_dir = Path(out_dir)
+    say = log or (lambda _line: None)
+    stored = _stored_metrics(out_dir, say)
+    if stored is not None:
+        return stored
+    if len(examples) == 0:
+        raise ValueError("train_sft got zero examples: the SFT dataset has no items with gold feedback "
+                         "(check the dataset, its split and max_items)")
+    dataset = _sft_dataset(examples)
+
+    from transformers import AutoTokenizer
+    from trl import SFTConfig as TRLSFTConfig, SFTTrainer
+
+    dev = _resolve_device(device)
+    precision = _resolve_precision(cfg.precision, dev)
+    with _checkpoint_dirs(out_dir) as (tmp_dir, scratch):
+        model = _load(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        args = TRLSFTConfig(
+            **_trl_args(scratch=scratch, dev=dev, precision=precision, seed=cfg.seed,
+                        learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length),
+            lr_scheduler_type=cfg.lr_scheduler_type,
+            warmup_steps=cfg.warmup_ratio,  # transformers 5 dropped warmup_ratio: a float < 1 is a fraction
+            completion_only_loss=True,  # said, not left to TRL's guess from the column names
+            packing=False,
+        )
+        say(f"SFT: {len(examples)} examples, model={model_path}, device={dev}, precision={precision}, lora={cfg.lora}")
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
+            callbacks=[_step_logger(say, progress, lambda logs: (
+                f"loss={logs['loss']:.4f} acc={logs.get('mean_token_accuracy', math.nan):.4f}"))],
+        )
+        n_cut = _cut_examples(trainer.train_dataset, len(examples), cfg.max_length)
+        if n_cut:
+            say(f"warning: {n_cut} of {len(examples)} examples are longer than max_length={cfg.max_length} "
+                "tokens and were cut or dropped: their scores are not trained")
+        history, steps, runtime_s = _train(trainer)
+        metrics = _summarize_sft(history, steps, runtime_s, len(examples))
+        record = {
+            "kind": "sft",
+            "model_path": str(model_path),
+            "n_examples": len(examples),
+            "n_cut": n_cut,
+            "sft": cfg.model_dump(),
+            "device": dev,
+            "precision": precision,
+            "metrics": metrics,
+        }
+        _publish(trainer, tokenizer, lora=cfg.lora, tmp_dir=tmp_dir, out_dir=out_dir, record=record)
+    say(f"saved {out_dir} ({metrics['sft/steps']:.0f} steps, final loss {metrics['sft/final_loss']:.4f})")
+    return metrics
+
+
+# --- DPO ------------------------------------------------------------------------------------------------
+
+
+def dpo_loss_terms(cfg: TrainingConfig) -> dict[str, Any]:
+    """TRL DPOConfig fields (`loss_type`, `loss_weights`, `label_smoothing`) for cfg's loss options.
+
+    >>> dpo_loss_terms(TrainingConfig(loss="sigmoid+sft", sft_weight=0.5, label_smoothing=0.1))
+    {'loss_type': ['sigmoid', 'robust', 'sft'], 'loss_weights': [1.8, -0.8, 0.5], 'label_smoothing': 0.1}
+    """
+    e = cfg.label_smoothing
+    if e == 0:
+        types, weights = ["sigmoid"], [1.0]
+    else:
+        # cDPO from TRL's sigmoid and robust terms: see the module docstring for the algebra.
+        types, weights = ["sigmoid", "robust"], [2 * (1 - e), -(1 - 2 * e)]
+    if cfg.loss == "sigmoid+sft":
+        types, weights = [*types, "sft"], [*weights, cfg.sft_weight]
+    return {"loss_type": types, "loss_weights": weights, "label_smoothing": e}
+
+
 def _summarize(log_history: list[dict], global_step: int, runtime_s: float) -> dict[str, float]:
     steps = [h for h in log_history if "loss" in h and "rewards/margins" in h]
-    out = {}
-    for key in _TRL_KEYS:
-        vals = [float(h[key]) for h in steps if key in h]
-        out[f"train/{key}"] = sum(vals) / len(vals) if vals else math.nan
+    out = {f"train/{key}": _mean([float(h[key]) for h in steps if key in h]) for key in _TRL_KEYS}
     out["train/steps"] = float(global_step)
     out["train/runtime_s"] = float(runtime_s)
     return out
@@ -144,7 +509,8 @@ def train_dpo(
         reference_path: the DPO reference model. `None` or the policy's own path: a frozen copy of the
             policy (TRL's default; with LoRA, the policy with its adapter disabled).
         pairs: mappings with `prompt` (chat messages), `chosen` and `rejected` (judgment texts).
-        cfg: beta, learning rate, epochs, batch size, LoRA, precision ...
+        cfg: loss (sigmoid, sigmoid+sft), sft_weight, label_smoothing, beta, learning rate, epochs, batch
+            size, LoRA, precision ... (see `dpo_loss_terms` for how the loss options map onto TRL).
         out_dir: where the checkpoint goes. If it already holds a finished checkpoint, nothing is trained
             and its stored metrics are returned.
         device: auto (cuda if available), cpu or cuda.
@@ -157,126 +523,60 @@ def train_dpo(
     """
     out_dir = Path(out_dir)
     say = log or (lambda _line: None)
-    done = _read_finished(out_dir)
-    if done is not None:
-        say(f"{out_dir} already holds a finished checkpoint; not retraining")
-        return {k: float(v) for k, v in done["metrics"].items()}
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not a finished selfrat checkpoint; move it away first")
+    stored = _stored_metrics(out_dir, say)
+    if stored is not None:
+        return stored
     if len(pairs) == 0:
         raise ValueError("train_dpo got zero preference pairs: curation produced nothing to train on "
                          "(check the curation margin and that sampled judgments parse)")
     dataset = dpo_examples(pairs)
 
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     dev = _resolve_device(device)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if dev == "cuda" else "fp32")
+    precision = _resolve_precision(cfg.precision, dev)
     separate_ref = reference_path is not None and not _same_model(reference_path, policy_path)
-
-    tmp_dir = out_dir.parent / f"{out_dir.name}.tmp"
-    scratch = out_dir.parent / f".{out_dir.name}.trl"  # TRL's output_dir; nothing is saved there (save_strategy no)
-    for d in (tmp_dir, scratch):
-        shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted run
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-    load = dict(dtype=torch.float32, trust_remote_code=False)  # fp32 master weights: see the module docstring
-    model = AutoModelForCausalLM.from_pretrained(policy_path, **load)
-    ref_model = AutoModelForCausalLM.from_pretrained(reference_path, **load) if separate_ref else None
-    tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=False)
-
-    args = DPOConfig(
-        output_dir=str(scratch),
-        beta=cfg.beta,
-        loss_type=["sigmoid"],
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        # TRL turns bf16 on unless told otherwise (even on CPU): always say which.
-        bf16=precision == "bf16",
-        fp16=False,
-        use_cpu=dev == "cpu",
-        # TRL defaults to (gradient) checkpointing; it only costs time on CPU-sized runs. transformers 5.24
-        # renamed it `activation_checkpointing` and warns on the old name, which TRL's default sets.
-        activation_checkpointing=dev == "cuda",
-        trust_remote_code=False,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=1,
-        dataloader_num_workers=0,
-        disable_tqdm=True,  # progress goes through `log`
-    )
-    peft_config = None
-    if cfg.lora:
-        peft_config = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            target_modules="all-linear",  # every linear projection except the LM head
-            task_type="CAUSAL_LM",
+    loss_terms = dpo_loss_terms(cfg)
+    with _checkpoint_dirs(out_dir) as (tmp_dir, scratch):
+        model = _load(policy_path)
+        ref_model = _load(reference_path) if separate_ref else None
+        tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=False)
+        args = DPOConfig(
+            **_trl_args(scratch=scratch, dev=dev, precision=precision, seed=cfg.seed,
+                        learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length),
+            beta=cfg.beta,
+            **loss_terms,
         )
-
-    class _LineLog(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            if progress:
-                progress(0, state.max_steps)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if progress:
-                progress(state.global_step, state.max_steps)
-            if logs and "loss" in logs:
-                say(
-                    f"step {state.global_step}/{state.max_steps} loss={logs['loss']:.4f} "
-                    f"margin={logs.get('rewards/margins', math.nan):.4f}"
-                )
-
-    say(
-        f"DPO: {len(pairs)} pairs, policy={policy_path}, reference={reference_path if separate_ref else 'policy copy'}, "
-        f"device={dev}, precision={precision}, lora={cfg.lora}"
-    )
-    try:
+        say(
+            f"DPO: {len(pairs)} pairs, policy={policy_path}, "
+            f"reference={reference_path if separate_ref else 'policy copy'}, device={dev}, precision={precision}, "
+            f"lora={cfg.lora}, loss={'+'.join(loss_terms['loss_type'])} weights={loss_terms['loss_weights']}"
+        )
         trainer = DPOTrainer(
             model=model,
             ref_model=ref_model,
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[_LineLog()],
+            peft_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
+            callbacks=[_step_logger(say, progress, lambda logs: (
+                f"loss={logs['loss']:.4f} margin={logs.get('rewards/margins', math.nan):.4f}"))],
         )
-        trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log dict; `log` replaces it
-        result = trainer.train()
-        metrics = _summarize(trainer.state.log_history, trainer.state.global_step, result.metrics["train_runtime"])
-
-        trained = trainer.model
-        if cfg.lora:
-            trained = trained.merge_and_unload()  # plain weights: the next iteration needs no peft
-        trained.config.use_cache = True
-        trained.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
+        history, steps, runtime_s = _train(trainer)
+        metrics = _summarize(history, steps, runtime_s)
         record = {
+            "kind": "dpo",
             "policy_path": str(policy_path),
             "reference_path": str(reference_path) if separate_ref else None,
             "n_pairs": len(pairs),
             "training": cfg.model_dump(),
+            "trl_loss": loss_terms,  # what the loss options became in TRL's terms
             "device": dev,
             "precision": precision,
             "metrics": metrics,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        # The marker goes in last: a tmp dir without it is never mistaken for a finished checkpoint.
-        (tmp_dir / CHECKPOINT_FILE).write_text(json.dumps(record, indent=2, allow_nan=True))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); os.replace would do it too, but only on POSIX
-        os.replace(tmp_dir, out_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # only still there if something failed
+        _publish(trainer, tokenizer, lora=cfg.lora, tmp_dir=tmp_dir, out_dir=out_dir, record=record)
     say(f"saved {out_dir} ({metrics['train/steps']:.0f} steps, margin {metrics['train/rewards/margins']:.4f})")
     return metrics

@@ -159,8 +159,51 @@ CREATE TABLE audit_log (
 );
 """
 
+M002_METHOD = """
+-- Relative (A/B) judgments: side 'ab' (A = response) or 'ba' (A = response_b); the verdict as written.
+ALTER TABLE judgments ADD COLUMN verdict VARCHAR;
+
+-- A meta-judge's rating (1-5) of one judgment's rationale (meta curation, best-of-N).
+CREATE TABLE meta_ratings (
+    judgment_id   BIGINT NOT NULL,              -- the judgment rated
+    rater_model   VARCHAR NOT NULL,
+    run_id        VARCHAR NOT NULL,
+    iteration     INTEGER NOT NULL,
+    rating        INTEGER,                      -- NULL when nothing could be read (and none was forced)
+    text          VARCHAR,
+    parse_status  VARCHAR NOT NULL,
+    forced        BOOLEAN NOT NULL DEFAULT false,
+    p1 DOUBLE, p2 DOUBLE, p3 DOUBLE, p4 DOUBLE, p5 DOUBLE,
+    created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (judgment_id, rater_model)
+);
+
+-- Metrics per group of items (rubric, capability, RewardBench section), per evaluation method.
+CREATE TABLE evaluation_breakdowns (
+    run_id      VARCHAR NOT NULL,
+    iteration   INTEGER NOT NULL,
+    dataset     VARCHAR NOT NULL,
+    method      VARCHAR NOT NULL,               -- greedy | relative | self-consistency-mean | ...
+    group_by    VARCHAR NOT NULL,               -- rubric | capability | section | ...
+    group_value VARCHAR NOT NULL,
+    metric      VARCHAR NOT NULL,
+    value       DOUBLE,
+    PRIMARY KEY (run_id, iteration, dataset, method, group_by, group_value, metric)
+);
+
+-- Run-level reports (contamination check, seed SFT data ...), JSON by name.
+CREATE TABLE run_reports (
+    run_id     VARCHAR NOT NULL,
+    name       VARCHAR NOT NULL,
+    report     VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (run_id, name)
+);
+"""
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "core", M001_CORE),
+    (2, "method", M002_METHOD),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -467,3 +467,50 @@ def curate_report(store: Store, run_id: str, iteration: int) -> dict | None:
     rows = store._rows("SELECT curate_report FROM iterations WHERE run_id = ? AND iteration = ?",
                        [run_id, int(iteration)])
     return json.loads(rows[0]["curate_report"]) if rows and rows[0]["curate_report"] else None
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+# A stored metric name is '<method>/<metric>' (no prefix: the iteration's own, greedy figures); the method
+# may itself hold a slash ('single-stage-dpo/relative/accuracy').
+_METHOD = "CASE WHEN contains(metric, '/') THEN regexp_extract(metric, '^(.*)/[^/]*$', 1) ELSE 'greedy' END"
+_BASE_METRIC = "regexp_extract(metric, '([^/]*)$', 1)"
+
+
+def judge_metrics(store: Store, run_id: str, dataset: str | None = None) -> pl.DataFrame:
+    """iteration, dataset, method, metric, value, lo, hi: every judge a run evaluated (each iteration's
+    judge, and the baselines recorded on the seed), one row per figure; lo/hi = its 95% bootstrap interval
+    when one was stored (as '<metric>_lo' / '<metric>_hi')."""
+    where, params = "run_id = ?", [run_id]
+    if dataset:
+        where += " AND dataset = ?"
+        params.append(dataset)
+    return store._read(
+        f"WITH m AS (SELECT iteration, dataset, {_METHOD} AS method, {_BASE_METRIC} AS metric, value"
+        f" FROM evaluations WHERE {where})"
+        " SELECT v.iteration, v.dataset, v.method, v.metric, v.value, lo.value AS lo, hi.value AS hi FROM m v"
+        " LEFT JOIN m lo ON lo.iteration = v.iteration AND lo.dataset = v.dataset AND lo.method = v.method"
+        "  AND lo.metric = v.metric || '_lo'"
+        " LEFT JOIN m hi ON hi.iteration = v.iteration AND hi.dataset = v.dataset AND hi.method = v.method"
+        "  AND hi.metric = v.metric || '_hi'"
+        " WHERE NOT (v.metric LIKE '%\\_lo' ESCAPE '\\' OR v.metric LIKE '%\\_hi' ESCAPE '\\')"
+        " ORDER BY v.dataset, v.iteration, v.method, v.metric", params)
+
+
+def breakdown_groups(store: Store, run_id: str, dataset: str) -> list[str]:
+    rows = store._rows("SELECT DISTINCT group_by FROM evaluation_breakdowns WHERE run_id = ? AND dataset = ?"
+                       " ORDER BY 1", [run_id, dataset])
+    return [r["group_by"] for r in rows]
+
+
+def breakdown(store: Store, run_id: str, dataset: str, group_by: str) -> pl.DataFrame:
+    """iteration, method, group_value, metric, value for one grouping (rubric, capability, section ...)."""
+    return store._read(
+        "SELECT iteration, method, group_value, metric, value FROM evaluation_breakdowns"
+        " WHERE run_id = ? AND dataset = ? AND group_by = ? ORDER BY iteration, method, group_value, metric",
+        [run_id, dataset, group_by])
+
+
+def run_reports(store: Store, run_id: str) -> dict[str, dict]:
+    return store.run_reports(run_id)

@@ -32,8 +32,13 @@ JUDGMENT_COLUMNS = [
     "judgment_id", "run_id", "iteration", "purpose", "item_id", "side", "sample_index", "model",
     "temperature", "top_p", "max_new_tokens", "seed", "raw_text", "text", "rationale", "score",
     "parse_status", "forced", "p1", "p2", "p3", "p4", "p5", "prompt_tokens", "completion_tokens",
-    "latency_s",
+    "latency_s", "verdict",
 ]
+META_RATING_COLUMNS = [
+    "judgment_id", "rater_model", "run_id", "iteration", "rating", "text", "parse_status", "forced",
+    "p1", "p2", "p3", "p4", "p5",
+]
+BREAKDOWN_COLUMNS = ["group_by", "group_value", "metric", "value"]
 PAIR_COLUMNS = [
     "pair_id", "run_id", "iteration", "item_id", "chosen_id", "rejected_id", "strategy", "params", "margin",
 ]
@@ -211,6 +216,8 @@ class Store:
         frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows), infer_schema_length=None)
         if frame.height == 0:
             return 0
+        if "verdict" not in frame.columns:  # absolute judgments have none
+            frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("verdict"))
         frame = frame.select(JUDGMENT_COLUMNS)
         cols = ", ".join(JUDGMENT_COLUMNS)
         with self._tx() as con:
@@ -250,6 +257,43 @@ class Store:
             con.execute("UPDATE iterations SET curate_status = 'pending', curate_report = NULL, updated_at = ?"
                         " WHERE run_id = ? AND iteration = ?", [_now(), run_id, iteration])
         return int(n[0]) if n else 0
+
+    def insert_meta_ratings(self, rows: pl.DataFrame | Sequence[dict]) -> int:
+        """Store meta-judge ratings; a (judgment, rater) already rated keeps its first rating."""
+        frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows), infer_schema_length=None)
+        if frame.height == 0:
+            return 0
+        frame = frame.select(META_RATING_COLUMNS)
+        cols = ", ".join(META_RATING_COLUMNS)
+        with self._tx() as con:
+            con.register("new_ratings", frame.to_arrow())
+            n = _first(con.execute(
+                f"INSERT INTO meta_ratings ({cols}) SELECT {cols} FROM new_ratings n WHERE NOT EXISTS"
+                " (SELECT 1 FROM meta_ratings m WHERE m.judgment_id = n.judgment_id"
+                " AND m.rater_model = n.rater_model)"))
+            con.unregister("new_ratings")
+        return int(n[0]) if n else 0
+
+    def put_breakdowns(self, run_id: str, iteration: int, dataset: str, method: str,
+                       rows: pl.DataFrame | Sequence[dict]) -> None:
+        """Replace the per-group metrics of one (iteration, dataset, method): group_by, group_value, metric, value."""
+        frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(
+            list(rows), schema={"group_by": pl.String, "group_value": pl.String, "metric": pl.String,
+                                "value": pl.Float64})
+        with self._tx() as con:
+            con.execute("DELETE FROM evaluation_breakdowns WHERE run_id = ? AND iteration = ? AND dataset = ?"
+                        " AND method = ?", [run_id, iteration, dataset, method])
+            if frame.height:
+                con.register("new_breakdowns", frame.select(BREAKDOWN_COLUMNS).to_arrow())
+                con.execute(
+                    "INSERT INTO evaluation_breakdowns SELECT ?, ?, ?, ?, group_by, group_value, metric, value"
+                    " FROM new_breakdowns", [run_id, iteration, dataset, method])
+                con.unregister("new_breakdowns")
+
+    def put_run_report(self, run_id: str, name: str, report: dict) -> None:
+        with self._tx() as con:
+            con.execute("INSERT OR REPLACE INTO run_reports (run_id, name, report) VALUES (?, ?, ?)",
+                        [run_id, name, json.dumps(report)])
 
     def put_metrics(self, run_id: str, iteration: int, dataset: str, metrics: dict[str, float]) -> None:
         rows = [(run_id, iteration, dataset, k, None if v is None else float(v)) for k, v in metrics.items()]
@@ -388,8 +432,9 @@ class Store:
         return self._read(sql + " ORDER BY item_id, side, sample_index", params)
 
     def curation_inputs(self, run_id: str, iteration: int, dataset: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """(judgments: judgment_id, item_id, sample_index, score, forced of the iteration's training samples,
-        in storage order; golds: item_id, gold_score of the dataset's items). Numeric columns only."""
+        """(judgments: judgment_id, item_id, sample_index, score, forced, text_hash, rationale_len of the
+        iteration's training samples, in storage order; golds: item_id, gold_score of the dataset's items).
+        Numeric columns only (texts as hashes and lengths), so 1M rows read in a few tens of ms."""
         with connect(self.path, self.timeout_s) as con:
             return _curation_inputs(con, run_id, iteration, dataset)
 
@@ -439,6 +484,56 @@ class Store:
             params.append(pair_id)
         return self._read(sql + " ORDER BY audit_id", params)
 
+    def overlapping_items(self, dataset: str, split: str | None, against: Sequence[str],
+                          against_split: str | None) -> pl.DataFrame:
+        """Items of `dataset` whose instruction + response (case and whitespace folded) also occur in one of
+        the `against` datasets (as response or response_b): item_id, source_row, other_dataset, other_item_id.
+        The contamination check of a run: such items must never be trained on."""
+        if not against:
+            return pl.DataFrame(schema={"item_id": pl.Int64, "source_row": pl.Int64, "other_dataset": pl.String,
+                                        "other_item_id": pl.Int64})
+        norm = "md5(regexp_replace(lower(trim({i})), '\\s+', ' ', 'g') || chr(31) || "\
+               "regexp_replace(lower(trim({r})), '\\s+', ' ', 'g'))"
+        names = ", ".join("?" for _ in against)
+        split_sql = "" if split is None else " AND t.split = ?"
+        other_split_sql = "" if against_split is None else " AND o.split = ?"
+        sql = (
+            f"WITH t AS (SELECT item_id, source_row, {norm.format(i='instruction', r='response')} AS h"
+            f" FROM items t WHERE dataset = ?{split_sql}),"
+            f" o AS (SELECT dataset, item_id, {norm.format(i='instruction', r='response')} AS h FROM items o"
+            f" WHERE dataset IN ({names}){other_split_sql}"
+            f" UNION ALL SELECT dataset, item_id, {norm.format(i='instruction', r='response_b')} FROM items o"
+            f" WHERE dataset IN ({names}){other_split_sql} AND response_b IS NOT NULL)"
+            " SELECT DISTINCT t.item_id, t.source_row, o.dataset AS other_dataset, o.item_id AS other_item_id"
+            " FROM t JOIN o ON t.h = o.h ORDER BY t.item_id, other_dataset"
+        )
+        params: list[Any] = [dataset] + ([split] if split else [])
+        for _ in range(2):
+            params += list(against) + ([against_split] if against_split else [])
+        return self._read(sql, params)
+
+    def meta_ratings(self, run_id: str, iteration: int, purpose: str | None = None) -> pl.DataFrame:
+        """Ratings of the judgments of (run, iteration[, purpose]) with the rated judgment's item, side, sample
+        and score."""
+        sql = ("SELECT m.*, j.item_id, j.side, j.sample_index, j.score, j.purpose FROM meta_ratings m"
+               " JOIN judgments j USING (judgment_id) WHERE j.run_id = ? AND j.iteration = ?")
+        params: list[Any] = [run_id, iteration]
+        if purpose:
+            sql += " AND j.purpose = ?"
+            params.append(purpose)
+        return self._read(sql + " ORDER BY j.item_id, j.side, j.sample_index, m.rater_model", params)
+
+    def breakdowns(self, run_id: str, iteration: int | None = None) -> pl.DataFrame:
+        sql, params = "SELECT * FROM evaluation_breakdowns WHERE run_id = ?", [run_id]
+        if iteration is not None:
+            sql += " AND iteration = ?"
+            params.append(iteration)
+        return self._read(sql + " ORDER BY iteration, dataset, method, group_by, group_value, metric", params)
+
+    def run_reports(self, run_id: str) -> dict[str, dict]:
+        return {r["name"]: json.loads(r["report"])
+                for r in self._rows("SELECT name, report FROM run_reports WHERE run_id = ? ORDER BY name", [run_id])}
+
     def metrics(self, run_id: str) -> pl.DataFrame:
         return self._read("SELECT iteration, dataset, metric, value FROM evaluations WHERE run_id = ?"
                           " ORDER BY iteration, dataset, metric", [run_id])
@@ -472,12 +567,14 @@ class Store:
         for it, sampler, ckpt, *stage_status in iters:
             n_train, parsed_train = counts.get((it, "train"), (0, 0))
             n_eval, parsed_eval = counts.get((it, "eval"), (0, 0))
+            by_purpose = {p: n for (i, p), (n, _) in counts.items() if i == it}
             out.append({
                 "index": it,
-                "judgments": n_train + n_eval,
-                "parsed": parsed_train + parsed_eval,
+                "judgments": sum(by_purpose.values()),
+                "parsed": sum(parsed for (i, _), (_, parsed) in counts.items() if i == it),
                 "train_judgments": n_train,
                 "eval_judgments": n_eval,
+                "judgments_by_purpose": by_purpose,
                 "pairs": {s: pair_counts.get(it, {}).get(s, 0) for s in PAIR_STATUSES},
                 "checkpoint": ckpt,
                 "sampler_model": sampler,
@@ -487,6 +584,7 @@ class Store:
         return {
             "id": run_id, "kind": run["kind"], "status": run["status"], "error": run["error"],
             "created_at": str(run["created_at"]), "updated_at": str(run["updated_at"]), "iterations": out,
+            "reports": self.run_reports(run_id),
         }
 
     def all_status(self) -> dict:
@@ -494,8 +592,12 @@ class Store:
 
 
 def _curation_inputs(con, run_id: str, iteration: int, dataset: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Numbers only, so 1M judgments read in a blink: text_hash stands in for the text (dedupe; NULL when
+    there is no text) and rationale_len (characters) for the rationale (the length-bias report)."""
     judgments = con.sql(
-        "SELECT judgment_id, item_id, sample_index, score, forced FROM judgments"
+        "SELECT judgment_id, item_id, sample_index, score, forced,"
+        " CASE WHEN text IS NULL THEN NULL ELSE (hash(text) >> 1)::BIGINT END AS text_hash,"
+        " coalesce(length(rationale), 0)::INTEGER AS rationale_len FROM judgments"
         " WHERE run_id = ? AND iteration = ? AND purpose = 'train' AND side = 'a'",
         params=[run_id, iteration]).pl()
     golds = con.sql("SELECT item_id, gold_score FROM items WHERE dataset = ? ORDER BY item_id", params=[dataset]).pl()

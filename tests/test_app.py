@@ -461,3 +461,32 @@ def test_the_app_process_never_imports_torch_or_the_engine_runner(ws):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_evaluation_page_sets_judges_and_baselines_side_by_side(ws):
+    store = Store.in_workspace(ws)
+    store.put_metrics(RUN, 0, "demo", {"pearson_lo": -0.2, "pearson_hi": 0.3,
+                                       "self-consistency-mean/pearson": 0.25, "self-consistency-mean/pearson_lo": 0.05,
+                                       "self-consistency-mean/pearson_hi": 0.45, "best-of-n/pearson": 0.15,
+                                       "single-stage-dpo/pearson": 0.12})
+    store.put_breakdowns(RUN, 0, "demo", "greedy", [
+        {"group_by": "rubric", "group_value": "accuracy", "metric": "exact", "value": 0.5},
+        {"group_by": "rubric", "group_value": "tone", "metric": "exact", "value": 0.25},
+        *[{"group_by": "confusion", "group_value": f"gold {g}", "metric": f"pred {p}", "value": float(g == p)}
+          for g in range(1, 6) for p in range(1, 6)]])
+    store.put_run_report(RUN, "contamination", {"overlapping_items": 3})
+    at = app("evaluation")
+    assert at.title[0].value == "Evaluation"
+    assert any("3 training items" in w.value for w in at.warning)
+    judges = frame_with(at, "judge", "pearson")
+    assert set(judges["judge"]) >= {"iteration 0 · greedy", "iteration 0 · self-consistency-mean",
+                                     "iteration 0 · best-of-n", "iteration 0 · single-stage-dpo", "iteration 2 · greedy"}
+    bars = traces(at, "judges_chart")
+    sc = next(t for t in bars if t["name"] == "self-consistency-mean")
+    err = sc["error_y"]["array"]
+    err = np.frombuffer(base64.b64decode(err["bdata"]), dtype=err["dtype"]).tolist() if "bdata" in err else err
+    assert sc["y"] == [pytest.approx(0.25)] and err == [pytest.approx(0.2)]
+    assert {t["name"] for t in traces(at, "breakdown_chart")} == {"iteration 0 · greedy"}
+    at.selectbox(key="breakdown_group").set_value("confusion").run()
+    heat = traces(at, "confusion_chart")[0]
+    assert np.array(heat["z"]).reshape(5, 5).trace() == 5

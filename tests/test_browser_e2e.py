@@ -53,6 +53,7 @@ PAGES = {
     "Pairs": ("Pairs", "History"),
     "Launch": ("Launch", "Curation preview", "Job"),
     "Compare": ("Compare iterations", "Metric deltas (B - A)", "Rationales"),
+    "Evaluation": ("Evaluation", "Judges", "Curation reports"),
 }
 ACCEPT_KEY = "a"  # ui/views/pairs.py: st.button("Accept", shortcut="a")
 REVIEWER = "e2e-reviewer"

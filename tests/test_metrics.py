@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
+import numpy as np
 import pytest
+from scipy import stats
 
-from engine.metrics import absolute_metrics, pairwise_metrics
+from engine import metrics as metrics_module
+from engine.metrics import (
+    absolute_metrics, bootstrap_proportion, confusion_matrix, pairwise_metrics, pairwise_outcomes,
+    resampled_correlations, section_mean_accuracy,
+)
 
 
 def test_correlations_known_answer():
@@ -105,3 +112,133 @@ def test_pairwise_nan_is_a_failure_and_empty_is_nan():
     assert m["failures"] == 1 and m["accuracy"] == 0.5
     m = pairwise_metrics([], [])
     assert m["n"] == 0 and math.isnan(m["accuracy"]) and math.isnan(m["tie_rate"])
+
+
+# ------------------------------------------------------------------ correlations and their intervals
+
+
+def test_five_point_correlations_by_hand():
+    gold = [1, 2, 3, 4, 5]
+    pred = [2, 1, 4, 3, 5]
+    # Pearson: means 3 and 3; d_gold = [-2, -1, 0, 1, 2], d_pred = [-1, -2, 1, 0, 2]
+    #   sum(d_gold * d_pred) = 2 + 2 + 0 + 0 + 4 = 8; sum(d_gold^2) = 10; sum(d_pred^2) = 1 + 4 + 1 + 0 + 4 = 10
+    #   r = 8 / sqrt(10 * 10) = 0.8. Spearman: the values are their own ranks (no ties) -> 0.8 too.
+    # Kendall: 10 pairs; discordant: (item1, item2) pred 2 -> 1 and (item3, item4) pred 4 -> 3: D = 2, C = 8
+    #   tau = (8 - 2) / 10 = 0.6
+    m = absolute_metrics(gold, pred, bootstrap=0)
+    assert m["pearson"] == pytest.approx(0.8)
+    assert m["spearman"] == pytest.approx(0.8)
+    assert m["kendall"] == pytest.approx(0.6)
+    assert "pearson_lo" not in m  # bootstrap=0: no interval keys
+
+
+def _noisy(n, seed):
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(1, 6, n).astype(float)
+    pred = np.clip(gold + rng.integers(-1, 2, n), 1, 5)
+    return gold.tolist(), pred.tolist()
+
+
+def test_intervals_contain_the_estimate_shrink_with_n_and_follow_the_seed():
+    small, large = absolute_metrics(*_noisy(40, 1)), absolute_metrics(*_noisy(640, 1))
+    for name in ("pearson", "spearman", "kendall"):
+        for m in (small, large):
+            assert m[f"{name}_lo"] < m[name] < m[f"{name}_hi"], name
+        # 16x the items: the width shrinks by about sqrt(16) = 4; ask for at least 2
+        assert (large[f"{name}_hi"] - large[f"{name}_lo"]) < (small[f"{name}_hi"] - small[f"{name}_lo"]) / 2
+    gold, pred = _noisy(40, 1)
+    assert absolute_metrics(gold, pred, seed=7) == absolute_metrics(gold, pred, seed=7)
+    assert absolute_metrics(gold, pred, seed=7)["pearson_lo"] != absolute_metrics(gold, pred, seed=8)["pearson_lo"]
+
+
+def test_intervals_are_nan_when_the_correlation_is_undefined():
+    m = absolute_metrics([1, 2, 3, 4], [3, 3, 3, 3])  # constant predictions
+    assert all(math.isnan(m[f"{k}_{e}"]) for k in ("pearson", "spearman", "kendall") for e in ("lo", "hi"))
+
+
+@pytest.mark.parametrize("table_limit", [None, 1], ids=["contingency", "scipy-fallback"])
+def test_vectorised_resample_correlations_match_scipy(monkeypatch, table_limit):
+    if table_limit is not None:
+        monkeypatch.setattr(metrics_module, "_CHUNK_CELLS", table_limit)  # forces Kendall through scipy
+    rng = np.random.default_rng(3)
+    gold = rng.integers(1, 6, 60).astype(float)
+    pred = np.clip(gold + rng.integers(-2, 3, 60), 1, 5) / 1.0
+    pred[::7] = 2.5  # a mean of two samples: a non-integer value among integers
+    idx = rng.integers(0, 60, size=(25, 60))
+    idx[0] = 0  # one resample of a single item repeated: constant -> NaN
+    got = resampled_correlations(gold, pred, idx)
+    assert all(math.isnan(got[k][0]) for k in got)
+    for r in range(1, 25):
+        g, p = gold[idx[r]], pred[idx[r]]
+        assert got["pearson"][r] == pytest.approx(stats.pearsonr(g, p).statistic, abs=1e-12)
+        assert got["spearman"][r] == pytest.approx(stats.spearmanr(g, p).statistic, abs=1e-12)
+        assert got["kendall"][r] == pytest.approx(stats.kendalltau(g, p).statistic, abs=1e-12)
+
+
+def test_thousand_resamples_of_thousand_items_is_fast():
+    gold, pred = _noisy(1000, 2)
+    start = time.perf_counter()
+    m = absolute_metrics(gold, pred, bootstrap=1000)
+    assert time.perf_counter() - start < 1.0
+    assert m["kendall_lo"] < m["kendall"] < m["kendall_hi"]
+
+
+# ------------------------------------------------------------------ confusion matrix
+
+
+def test_confusion_counts_round_half_up_and_skip_failures():
+    gold = [1, 1, 2, 5, 2.5, 4, 3]
+    pred = [1, 2, 2, 3, 3.5, None, float("nan")]
+    m = confusion_matrix(gold, pred)
+    # (1,1) (1,2) (2,2) (5,3) and (2.5 -> 3, 3.5 -> 4); the two failures are not in the matrix
+    expected = [[0] * 5 for _ in range(5)]
+    for g, p in [(1, 1), (1, 2), (2, 2), (5, 3), (3, 4)]:
+        expected[g - 1][p - 1] += 1
+    assert m == expected
+    assert sum(map(sum, m)) == 5
+
+
+def test_confusion_rejects_scores_outside_the_scale_naming_the_item():
+    with pytest.raises(ValueError, match="item 1: predicted score 6"):
+        confusion_matrix([1, 2], [1, 6])
+    with pytest.raises(ValueError, match="item 0: gold"):
+        confusion_matrix([None], [1])
+
+
+# ------------------------------------------------------------------ pairwise with tie labels and sections
+
+
+def test_tie_labelled_items_are_correct_when_scored_equal():
+    chosen = [4, 3, 3, 2, None]
+    rejected = [2, 3, 3, 5, 1]
+    labels = ["A", "A", "tie", "tie", "B"]
+    # 1: A, 4 > 2 correct; 2: A, 3 = 3 a tie -> wrong, reported; 3: tie, 3 = 3 correct;
+    # 4: tie, 2 != 5 wrong; 5: failure
+    assert pairwise_outcomes(chosen, rejected, labels) == ["correct", "tie", "correct", "wrong", "failure"]
+    m = pairwise_metrics(chosen, rejected, labels)
+    assert m["accuracy"] == pytest.approx(2 / 5)
+    assert m["ties"] == 1 and m["tie_rate"] == pytest.approx(1 / 3)  # over the 3 A/B pairs
+    assert m["tie_items"] == 2 and m["tie_item_accuracy"] == pytest.approx(1 / 2)
+    # the same scores without labels: item 3 becomes an A/B tie, wrong
+    assert pairwise_metrics(chosen, rejected)["accuracy"] == pytest.approx(1 / 5)
+
+
+def test_bad_pair_label_names_the_pair():
+    with pytest.raises(ValueError, match="pair 1: label 'C'"):
+        pairwise_metrics([1, 2], [0, 1], ["A", "C"])
+
+
+def test_section_mean_is_unweighted():
+    # Chat: 2 of 2 correct (1.0); Chat Hard: 4 of 8 (0.5): pooled accuracy 6/10 = 0.6, section mean 0.75
+    assert section_mean_accuracy({"Chat": 1.0, "Chat Hard": 0.5}) == pytest.approx(0.75)
+    assert section_mean_accuracy({"Chat": 1.0, "Empty": float("nan")}) == 1.0
+    assert math.isnan(section_mean_accuracy({}))
+
+
+def test_accuracy_interval():
+    chosen, rejected = [2] * 30 + [1] * 10, [1] * 40  # 30 of 40 correct
+    m = pairwise_metrics(chosen, rejected, bootstrap=1000, seed=0)
+    assert m["accuracy_lo"] < 0.75 < m["accuracy_hi"]
+    assert 0.55 < m["accuracy_lo"] and m["accuracy_hi"] < 0.9  # binomial sd = sqrt(.75 * .25 / 40) = 0.068
+    assert bootstrap_proportion(30, 40, 1000, 0) == (m["accuracy_lo"], m["accuracy_hi"])
+    assert "accuracy_lo" not in pairwise_metrics(chosen, rejected)

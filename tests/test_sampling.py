@@ -11,6 +11,7 @@ import torch
 
 from engine.parsing import parse_judgment
 from engine.sampling import (
+    VERDICTS,
     FakeSampler,
     Sample,
     SamplingParams,
@@ -103,6 +104,39 @@ def test_force_score_closes_every_judgment(sampler):
         assert parse_judgment(s.text).score == s.score
         assert s.parse_status in ("no_score", "truncated")
         assert s.parse_status == parse_judgment(s.raw_text, truncated=s.parse_status == "truncated").status.value
+        assert s.verdict is None  # absolute mode
+
+
+RELATIVE = [{"role": "user", "content": "Which is better? Response A: 'Paris'. Response B: 'Lyon'."}]
+
+
+def test_relative_mode_forces_a_verdict(sampler):
+    params = SamplingParams(max_new_tokens=8, force_score=True, mode="relative")
+    for s in _flat(sampler.generate([RELATIVE, SHORT], 3, params, [[1, 2, 3], [4, 5, 6]])):
+        assert s.verdict in VERDICTS and s.score is None and s.forced
+        assert s.text == f"{s.raw_text.rstrip()} [RESULT] {s.verdict}"
+        assert parse_judgment(s.text, mode="relative").score == s.verdict
+        assert len(s.score_probs) == 2 and math.isclose(sum(s.score_probs), 1.0, abs_tol=1e-5)
+        assert s.parse_status in ("no_score", "truncated")
+
+
+def test_relative_mode_greedy_is_deterministic_and_takes_the_likelier_verdict(sampler):
+    params = SamplingParams(temperature=0, max_new_tokens=8, force_score=True, mode="relative")
+    a = sampler.generate([RELATIVE], 2, params, [[1, 2]])[0]
+    b = sampler.generate([RELATIVE], 2, params, [[3, 4]])[0]
+    assert len({(s.text, s.verdict) for s in a + b}) == 1  # greedy ignores the seed
+    s = a[0]
+    assert s.verdict == VERDICTS[max(range(2), key=lambda k: s.score_probs[k])]
+
+
+def test_verdict_tokens_of_smollm2(sampler):
+    st = find_score_tokens(sampler.tokenizer, VERDICTS)
+    tok = sampler.tokenizer
+    # SmolLM2 merges the space into the letter: " [RESULT]" then " A" / " B".
+    assert st.marker == " [RESULT]"
+    assert tok.encode(" [RESULT] B", add_special_tokens=False) == [*st.marker_ids, st.score_ids[1]]
+    assert [tok.decode([i]) for i in st.score_ids] == [" A", " B"]
+    assert sampler.result_tokens("relative") == st and sampler.result_tokens("absolute") == sampler.score_tokens
 
 
 def test_without_force_score_a_random_model_has_no_score(sampler):
@@ -131,25 +165,27 @@ def test_progress_bar_does_not_change_output(sampler):
 
 _BACKGROUND = [0.0, 1.0, 2.0, 3.0, 4.0]  # logits of the five score tokens wherever the script does not say
 _BACKGROUND_PROBS = torch.tensor(_BACKGROUND).softmax(-1).tolist()
+_VERDICT_BACKGROUND = [2.0, 0.0]  # relative mode: logits of " A", " B" (A is the likelier)
+_VERDICT_PROBS = torch.tensor(_VERDICT_BACKGROUND).softmax(-1).tolist()
 
 
 class ScriptedLM(torch.nn.Module):
     """Plays a token script back by position: the logits after t generated tokens favour script[t] (then
     EOS), with the score tokens at a known background ratio, so P(score) at a probe is known exactly."""
 
-    def __init__(self, config, tokenizer, text: str, prompt_len: int, score_ids):
+    def __init__(self, config, tokenizer, text: str, prompt_len: int, score_ids, background=_BACKGROUND):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.config, self.generation_config = config, None
         self.script = tokenizer.encode(text, add_special_tokens=False)
         self.prompt_len, self.vocab, self.eos = prompt_len, len(tokenizer), tokenizer.eos_token_id
-        self.score_ids = list(score_ids)
+        self.score_ids, self.background = list(score_ids), list(background)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True,
                 logits_to_keep=0):
         steps = (position_ids[:, -1] - (self.prompt_len - 1)).tolist()  # tokens generated so far, per row
         logits = torch.full((len(steps), 1, self.vocab), -30.0)
-        logits[:, 0, self.score_ids] = torch.tensor(_BACKGROUND) - 10
+        logits[:, 0, self.score_ids] = torch.tensor(self.background) - 10
         for r, t in enumerate(steps):
             logits[r, 0, self.script[t] if t < len(self.script) else self.eos] = 10.0
         return SimpleNamespace(logits=logits)
@@ -164,7 +200,11 @@ def scripted(tiny_model_dir, sampler):
     prompt_len = len(sampler.encode_prompt(SHORT))
 
     def run(text: str, **params) -> Sample:
-        model = ScriptedLM(config, tok, text, prompt_len, find_score_tokens(tok).score_ids)
+        if params.get("mode") == "relative":
+            ids, background = find_score_tokens(tok, VERDICTS).score_ids, _VERDICT_BACKGROUND
+        else:
+            ids, background = find_score_tokens(tok).score_ids, _BACKGROUND
+        model = ScriptedLM(config, tok, text, prompt_len, ids, background)
         s = TransformersSampler.from_loaded(model, tok, "scripted")
         out = s.generate([SHORT], 2, SamplingParams(temperature=0, **params), [[1, 2]])[0]
         assert out[0].text == out[1].text
@@ -217,6 +257,28 @@ def test_scripted_without_forcing(scripted):
     assert s.score is None and s.score_probs is not None and not s.forced
 
 
+def test_scripted_relative_stops_after_the_written_verdict(scripted):
+    s = scripted("B is clearer. [RESULT] B and then it rambles on", force_score=True, mode="relative")
+    assert s.text == s.raw_text == "B is clearer. [RESULT] B"
+    assert (s.verdict, s.score, s.parse_status, s.forced) == ("B", None, "ok", False)
+    assert len(s.score_probs) == 2 and s.score_probs[1] > 0.99  # the script put its mass on " B"
+
+
+def test_scripted_relative_no_verdict_is_forced_from_the_probe(scripted):
+    s = scripted("No verdict here.", force_score=True, mode="relative")
+    assert (s.verdict, s.score, s.parse_status, s.forced) == ("A", None, "no_score", True)  # argmax: A
+    assert s.text == "No verdict here. [RESULT] A"
+    assert s.score_probs == pytest.approx(_VERDICT_PROBS, abs=1e-6)
+    # A score where a verdict belongs is no verdict: forced too, from the probe after the marker.
+    s = scripted("Both fine. [RESULT] 4", force_score=True, mode="relative")
+    assert (s.verdict, s.parse_status, s.forced) == ("A", "out_of_range", True)
+
+
+def test_scripted_relative_without_forcing(scripted):
+    s = scripted("No verdict here.", mode="relative")
+    assert (s.verdict, s.score, s.score_probs, s.forced) == (None, None, None, False)
+
+
 def test_scripted_forced_score_is_drawn_per_seed(tiny_model_dir, sampler):
     from transformers import AutoConfig
 
@@ -244,7 +306,7 @@ def test_judgment_seed_is_stable_and_in_range():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=0),
-                                 dict(repetition_penalty=0)])
+                                 dict(repetition_penalty=0), dict(mode="pairwise")])
 def test_sampling_params_are_checked(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -289,3 +351,26 @@ def test_fake_sampler_force_score_is_deterministic_from_seed():
     assert a[1].score_probs == [0.2] * 5
     forced = {fake.generate([SHORT], 3, params, [[s, s, s]])[0][1].score for s in range(30)}
     assert len(forced) > 1
+
+
+def _relative_script(messages, index, seed):
+    return ["Response B is clearer. [RESULT] B", "I cannot decide.", "Both fine. [RESULT] 4"][index]
+
+
+def test_fake_sampler_relative_mode():
+    fake = FakeSampler(_relative_script)
+    params = SamplingParams(max_new_tokens=20, mode="relative")
+    ok, none, score = fake.generate([SHORT], 3, params, [[1, 2, 3]])[0]
+    assert (ok.verdict, ok.score, ok.parse_status, ok.score_probs, ok.forced) == ("B", None, "ok", [0.0, 1.0], False)
+    assert ok.rationale == "Response B is clearer."
+    assert (none.verdict, none.parse_status, none.score_probs) == (None, "no_score", None)
+    assert (score.verdict, score.score, score.parse_status) == (None, None, "out_of_range")  # a score is no verdict
+
+    forcing = SamplingParams(max_new_tokens=20, mode="relative", force_score=True)
+    forced = fake.generate([SHORT], 3, forcing, [[1, 2, 3]])[0]
+    assert not forced[0].forced and forced[1].forced and forced[2].forced
+    assert forced[1].verdict in VERDICTS and forced[1].score is None and forced[1].score_probs == [0.5, 0.5]
+    assert forced[1].text == f"I cannot decide. [RESULT] {forced[1].verdict}"
+    # Absolute mode reads the third text's score and has no verdict.
+    absolute = fake.generate([SHORT], 3, SamplingParams(max_new_tokens=20), [[1, 2, 3]])[0]
+    assert (absolute[2].score, absolute[2].verdict, absolute[0].score) == (4, None, None)

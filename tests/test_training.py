@@ -1,5 +1,8 @@
-"""DPO stage on the tiny random Llama (CPU, a few seconds per run): checkpoint layout, lineage, idempotence,
-that the policy moves toward the chosen judgments, LoRA merging, and a separate (seed) reference model."""
+"""Training stages on the tiny random Llama (CPU, a few seconds per run). DPO: checkpoint layout, lineage,
+idempotence, that the policy moves toward the chosen judgments, LoRA merging, a separate (seed) reference model,
+and the loss options (sigmoid+sft, label smoothing) checked against hand-computed first-step losses. Seed SFT:
+examples from gold feedback, that training raises the gold judgments' log-probability with the loss on the
+completion only, and the checkpoint."""
 
 from __future__ import annotations
 
@@ -10,8 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import TrainingConfig
-from engine.training import CHECKPOINT_FILE, dpo_examples, sequence_logprob, train_dpo
+from engine.config import SFTConfig, TrainingConfig
+from engine.prompts import absolute_messages
+from engine.training import (
+    CHECKPOINT_FILE,
+    dpo_examples,
+    dpo_loss_terms,
+    invalid_sft_items,
+    sequence_logprob,
+    sft_examples,
+    token_logprobs,
+    train_dpo,
+    train_sft,
+)
 
 SYSTEM = {"role": "system", "content": "You are a fair judge. Write feedback, then [RESULT] and a score 1-5."}
 PAIRS = [
@@ -206,3 +220,260 @@ def test_progress_reports_steps(tiny_model_dir, tmp_path):
               cfg=TrainingConfig(batch_size=2, max_length=64), out_dir=tmp_path / "ckpt",
               progress=lambda d, t: seen.append((d, t)))
     assert seen[0] == (0, 2) and seen[-1] == (2, 2)
+
+
+# --- DPO loss options -------------------------------------------------------------------------------------
+
+
+def _first_step(policy: str, reference: str | None, cfg: TrainingConfig, out: Path) -> tuple[dict, dict]:
+    """One DPO step on all PAIRS (batch 4): (metrics, checkpoint record). With one step the run's averages
+    are the first step's loss and margin, computed before any update."""
+    cfg = cfg.model_copy(update={"epochs": 1.0, "batch_size": len(PAIRS), "max_length": 256})
+    metrics = train_dpo(policy_path=policy, reference_path=reference, pairs=PAIRS, cfg=cfg, out_dir=out, device="cpu")
+    assert metrics["train/steps"] == 1
+    return metrics, json.loads((out / CHECKPOINT_FILE).read_text())
+
+
+def test_dpo_loss_terms_map_onto_trl():
+    assert dpo_loss_terms(TrainingConfig()) == {"loss_type": ["sigmoid"], "loss_weights": [1.0], "label_smoothing": 0.0}
+    terms = dpo_loss_terms(TrainingConfig(loss="sigmoid+sft", sft_weight=0.5, label_smoothing=0.25))
+    assert terms["loss_type"] == ["sigmoid", "robust", "sft"]
+    assert terms["loss_weights"] == pytest.approx([1.5, -0.5, 0.5])
+    assert terms["label_smoothing"] == 0.25
+
+
+def _model_and_tokenizer(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_sigmoid_plus_sft_adds_the_chosen_nll(tiny_model_dir, tmp_path):
+    """Policy == reference at step 1, so the DPO term is exactly log 2 (what plain sigmoid would log); the NLL
+    term is TRL's mean over all chosen tokens of the batch, computed here by hand from the untrained model."""
+    model, tok = _model_and_tokenizer(tiny_model_dir)
+    chosen = [lp for p in PAIRS for lp in token_logprobs(model, tok, p["prompt"], p["chosen"])[1]]
+    nll = -sum(chosen) / len(chosen)  # ~10.8 for the random model
+
+    cfg = FAST.model_copy(update={"loss": "sigmoid+sft", "sft_weight": 0.5})
+    metrics, record = _first_step(str(tiny_model_dir), None, cfg, tmp_path / "mixed")
+    assert metrics["train/loss"] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4), (metrics, nll)
+    assert record["training"]["loss"] == "sigmoid+sft" and record["training"]["sft_weight"] == 0.5
+    assert record["trl_loss"] == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "label_smoothing": 0.0}
+
+
+def test_label_smoothing_is_conservative_dpo(trained, tiny_model_dir, tmp_path):
+    """cDPO's loss is -log s(x) + e*x for x = beta * margin: computed by hand from the policy (iteration 1) and
+    the reference (the seed), it must equal the first step's loss. Ignoring e (TRL's sigmoid alone) or TRL's
+    robust loss (-log s(x) - e/(1-2e)*x) would miss it by 0.3 * mean(x) or more."""
+    policy, ref = _model_and_tokenizer(trained[0]), _model_and_tokenizer(tiny_model_dir)
+
+    def logratio(p: dict, side: str) -> float:
+        return sequence_logprob(*policy, p["prompt"], p[side]) - sequence_logprob(*ref, p["prompt"], p[side])
+
+    x = [FAST.beta * (logratio(p, "chosen") - logratio(p, "rejected")) for p in PAIRS]
+    e = 0.3
+    expected = sum(math.log1p(math.exp(-xi)) + e * xi for xi in x) / len(x)  # -log s(x) = log(1 + e^-x)
+
+    cfg = FAST.model_copy(update={"label_smoothing": e})
+    metrics, record = _first_step(str(trained[0]), str(tiny_model_dir), cfg, tmp_path / "smoothed")
+    assert metrics["train/rewards/margins"] == pytest.approx(sum(x) / len(x), abs=1e-4)
+    assert sum(x) / len(x) > 0.05  # the smoothing term is visible
+    assert metrics["train/loss"] == pytest.approx(expected, abs=1e-4), (metrics, x)
+    assert record["training"]["label_smoothing"] == e
+    assert record["trl_loss"] == {"loss_type": ["sigmoid", "robust"], "loss_weights": pytest.approx([1.4, -0.4]),
+                                  "label_smoothing": e}
+
+
+# --- Seed SFT ---------------------------------------------------------------------------------------------
+
+
+def _item(item_id: int, instruction: str, response: str, gold: float | None, feedback: str | None, **kw) -> dict:
+    return {
+        "item_id": item_id, "source_row": item_id + 100, "instruction": instruction, "response": response,
+        "reference": None, "criteria": None, "score1_description": None, "score2_description": None,
+        "score3_description": None, "score4_description": None, "score5_description": None,
+        "gold_score": gold, "gold_feedback": feedback, **kw,
+    }
+
+
+ITEMS = [
+    _item(1, "Add 2 and 3.", "5", 5.0, "The response gives the correct sum with no errors."),
+    _item(2, "Name a primary colour.", "Green.", 2.5, "Green is not a primary colour of paint; partly off."),
+    _item(3, "Capital of France?", "Lyon.", 1.0, "The response names the wrong city entirely."),
+    _item(4, "Spell 'cat' backwards.", "tac", 4.4, "Correct reversal, though terse."),
+]
+# Short prompts (the real judge prompt is ~400 tokens, ~3 s a step here) and a high LR so the tiny random model
+# visibly moves in 4 steps: 4 examples, 2 per step, 2 epochs; cosine with one warmup step.
+SFT_EXAMPLES = [
+    {"prompt": PAIRS[i]["prompt"], "completion": f"{it['gold_feedback']} [RESULT] {math.floor(it['gold_score'] + 0.5)}"}
+    for i, it in enumerate(ITEMS)
+]
+SFT_FAST = SFTConfig(dataset="t", learning_rate=1e-2, epochs=2, batch_size=2, max_length=256, warmup_ratio=0.25)
+SFT_KEYS = {"sft/loss", "sft/final_loss", "sft/steps", "sft/runtime_s", "sft/examples", "sft/token_accuracy"}
+
+
+def _frame(items: list[dict]):
+    import polars as pl
+
+    return pl.DataFrame(items, infer_schema_length=None)
+
+
+def test_sft_examples_prompt_and_rounded_target():
+    examples = sft_examples(_frame(ITEMS))
+    assert [e["item_id"] for e in examples] == [1, 2, 3, 4]
+    assert examples[0]["prompt"] == absolute_messages(ITEMS[0])
+    assert examples[1]["completion"] == "Green is not a primary colour of paint; partly off. [RESULT] 3"  # 2.5 -> 3
+    assert examples[3]["completion"].endswith("[RESULT] 4")  # 4.4 -> 4
+
+
+def test_sft_examples_name_every_bad_item():
+    bad = [
+        ITEMS[0],
+        _item(7, "q", "a", 3.0, None),
+        _item(8, "q", "a", 3.0, "   "),
+        _item(9, "q", "a", None, "fine"),
+        _item(10, "q", "a", 0.4, "fine"),  # rounds to 0
+        _item(11, "q", "a", 3.0, "fine", criteria="half a rubric"),
+    ]
+    with pytest.raises(ValueError) as err:
+        sft_examples(_frame(bad))
+    msg = str(err.value)
+    assert msg.startswith("5 of 6 items cannot be seed SFT examples")
+    for part in ("item 7 (source row 107): no gold_feedback", "item 8 (source row 108): no gold_feedback",
+                 "item 9 (source row 109): no gold_score", "item 10 (source row 110): gold_score 0.4 is not in 1..5",
+                 "item 11 (source row 111): cannot build the judge prompt"):
+        assert part in msg, msg
+    assert "item 1 " not in msg
+    assert set(invalid_sft_items(_frame(bad))) == {7, 8, 9, 10, 11}
+    assert invalid_sft_items(_frame(ITEMS)) == {}
+
+
+def _gold_logprob(model_dir: Path) -> float:
+    """Sum over SFT_EXAMPLES of log p(completion | prompt) under the model in `model_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return sum(sequence_logprob(model, tok, ex["prompt"], ex["completion"]) for ex in SFT_EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def sft_trained(tiny_model_dir, tmp_path_factory):
+    """One seed SFT run: (out_dir, metrics, log lines, progress calls, the labels TRL trained on)."""
+    import trl
+
+    class Recording(trl.SFTTrainer):
+        """Keeps the prepared dataset: its `labels` are what the loss is computed on (-100 = ignored)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            recorded.extend(self.train_dataset)
+
+    recorded: list[dict] = []
+    out = tmp_path_factory.mktemp("sft") / "iter-0-sft"
+    lines: list[str] = []
+    seen: list[tuple[int, int]] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trl, "SFTTrainer", Recording)
+        metrics = train_sft(model_path=str(tiny_model_dir), examples=SFT_EXAMPLES, cfg=SFT_FAST, out_dir=out,
+                            device="cpu", log=lines.append, progress=lambda d, t: seen.append((d, t)))
+    return out, metrics, lines, seen, recorded
+
+
+def test_sft_raises_the_gold_judgments_logprob(sft_trained, tiny_model_dir):
+    """The 4 targets have ~70 tokens at ~-10.8 nats each under the random model; 4 steps at lr 1e-2 gain ~1.4
+    nats a token (~100 in all); 50 leaves room for numeric differences between machines."""
+    out = sft_trained[0]
+    before, after = _gold_logprob(tiny_model_dir), _gold_logprob(out)
+    assert after > before + 50, (before, after)
+
+
+def test_sft_loss_is_on_the_completion_only(sft_trained, tiny_model_dir):
+    """Every prompt token is masked out (-100) and every completion token (through the end of turn) is a label:
+    training on the whole sequence would leave the labels equal to the input ids."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = sft_trained[4]
+    assert len(rows) == len(SFT_EXAMPLES)
+    for ex, row in zip(SFT_EXAMPLES, rows):
+        prompt = tok.apply_chat_template(ex["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True)
+        n = len(prompt["input_ids"])
+        ids, labels = row["input_ids"], row["labels"]
+        assert ids[:n] == list(prompt["input_ids"])
+        assert labels[:n] == [-100] * n
+        assert labels[n:] == ids[n:] and len(ids) > n + 5
+        assert tok.decode(ids[n:]).startswith(ex["completion"])
+
+
+def test_sft_checkpoint_and_log(sft_trained, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    out, metrics, lines, seen, _ = sft_trained
+    assert set(metrics) == SFT_KEYS
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["sft/steps"] == 4 and metrics["sft/examples"] == 4  # 4 examples / batch 2 * 2 epochs
+    assert metrics["sft/final_loss"] < metrics["sft/loss"]  # the mean includes the early, higher losses
+    assert 0.0 <= metrics["sft/token_accuracy"] <= 1.0
+    record = json.loads((out / CHECKPOINT_FILE).read_text())
+    assert record["kind"] == "sft"
+    assert record["model_path"] == str(tiny_model_dir)
+    assert record["n_examples"] == 4 and record["n_cut"] == 0
+    assert record["sft"] == SFT_FAST.model_dump()
+    assert record["metrics"] == metrics
+    assert not out.with_name(out.name + ".tmp").exists()
+    assert not any(p.name.endswith(".trl") for p in out.parent.iterdir())
+    AutoModelForCausalLM.from_pretrained(out)
+    step_lines = [line for line in lines if line.startswith("step ")]
+    assert len(step_lines) == 4
+    assert re.fullmatch(r"step 1/4 loss=\d+\.\d+ acc=\d\.\d+", step_lines[0])
+    assert seen[0] == (0, 4) and seen[-1] == (4, 4)
+
+
+def test_sft_second_call_is_a_noop(sft_trained, tiny_model_dir):
+    out, metrics, _, _, _ = sft_trained
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    lines: list[str] = []
+    again = train_sft(model_path=str(tiny_model_dir), examples=SFT_EXAMPLES, cfg=SFT_FAST, out_dir=out,
+                      device="cpu", log=lines.append)
+    assert again == metrics
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not any(line.startswith("step ") for line in lines)
+
+
+def test_sft_reports_examples_cut_at_max_length(tiny_model_dir, tmp_path):
+    """max_length between the longest prompt and the shortest prompt + completion: every judgment loses its end."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [len(tok.apply_chat_template(ex["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True)
+                   ["input_ids"]) for ex in SFT_EXAMPLES]
+    cfg = SFT_FAST.model_copy(update={"max_length": max(prompts) + 3, "epochs": 1.0, "batch_size": 4})
+    lines: list[str] = []
+    train_sft(model_path=str(tiny_model_dir), examples=SFT_EXAMPLES, cfg=cfg, out_dir=tmp_path / "o", device="cpu",
+              log=lines.append)
+    assert any(line.startswith("warning: 4 of 4 examples are longer than max_length") for line in lines), lines
+    assert json.loads((tmp_path / "o" / CHECKPOINT_FILE).read_text())["n_cut"] == 4
+
+
+def test_sft_bad_input(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="zero examples"):
+        train_sft(model_path=str(tiny_model_dir), examples=[], cfg=SFT_FAST, out_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match="example 1 lacks"):
+        train_sft(model_path=str(tiny_model_dir), examples=[SFT_EXAMPLES[0], {"prompt": [SYSTEM]}], cfg=SFT_FAST,
+                  out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA device (bf16 autocast path)"
+)
+def test_sft_cuda_bf16_smoke(tiny_model_dir, tmp_path):
+    cfg = SFT_FAST.model_copy(update={"lora": True})
+    metrics = train_sft(model_path=str(tiny_model_dir), examples=SFT_EXAMPLES, cfg=cfg, out_dir=tmp_path / "o",
+                        device="cuda")
+    record = json.loads((tmp_path / "o" / CHECKPOINT_FILE).read_text())
+    assert record["precision"] == "bf16" and record["device"] == "cuda"
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert not (tmp_path / "o" / "adapter_config.json").exists()  # LoRA merged

@@ -1,4 +1,4 @@
-"""The selfrat app: a router over five pages. `selfrat app` (or `streamlit run ui/app.py`) starts it.
+"""The selfrat app: a router over six pages. `selfrat app` (or `streamlit run ui/app.py`) starts it.
 
 Pages read through `store.queries` (via `ui.state.cached`) and start work only as a separate `selfrat`
 process (`engine.jobs`); nothing heavy (torch, TRL) is imported here.
@@ -36,5 +36,6 @@ pages = [
     st.Page("views/pairs.py", title="Pairs", icon=":material/compare_arrows:"),
     st.Page("views/launch.py", title="Launch", icon=":material/rocket_launch:"),
     st.Page("views/compare.py", title="Compare", icon=":material/difference:"),
+    st.Page("views/evaluation.py", title="Evaluation", icon=":material/leaderboard:"),
 ]
 st.navigation(pages).run()

@@ -139,13 +139,24 @@ with st.form("launch_form"):
                                 key=k("force_score"), help="Close a rationale without a score with ' [RESULT] '"
                                 " and draw the score from the model's 1-5 distribution.")
     st.markdown("**Curation**")
-    c = st.columns(3)
+    c = st.columns(4)
     strategies = list(CurationConfig.model_fields["strategy"].annotation.__args__)
     strategy = c[0].selectbox("Strategy", strategies, index=strategies.index(cur_default.strategy),
-                              key=k("strategy"))
-    min_margin = c[1].number_input("Min margin", value=cur_default.min_margin, step=1, key=k("min_margin"))
+                              key=k("strategy"), help=CurationConfig.model_fields["strategy"].description)
+    min_margin = c[1].number_input("Min margin", value=cur_default.min_margin, step=1, key=k("min_margin"),
+                                   help=CurationConfig.model_fields["min_margin"].description)
     max_pairs = c[2].number_input("Max pairs per item", value=cur_default.max_pairs_per_item, step=1,
                                   key=k("max_pairs"))
+    meta_tokens = c[3].number_input("Meta-judge note tokens", value=cur_default.meta_max_new_tokens, step=16,
+                                    key=k("meta_tokens"), help="meta only: "
+                                    + CurationConfig.model_fields["meta_max_new_tokens"].description)
+    c = st.columns(4)
+    use_forced = c[0].checkbox("Use forced scores", value=cur_default.use_forced, key=k("use_forced"),
+                               help=CurationConfig.model_fields["use_forced"].description)
+    dedupe = c[1].checkbox("Dedupe identical texts", value=cur_default.dedupe, key=k("dedupe"),
+                           help=CurationConfig.model_fields["dedupe"].description)
+    balance = c[2].checkbox("Balance chosen scores", value=cur_default.balance_scores, key=k("balance"),
+                            help=CurationConfig.model_fields["balance_scores"].description)
     st.markdown("**DPO training**")
     c = st.columns(5)
     beta = c[0].number_input("Beta", value=float(trn.beta), step=0.05, format="%.3f", key=k("beta"))
@@ -166,7 +177,8 @@ raw = {**base}
 raw["sampling"] = {**base.get("sampling", {}), "n": n, "temperature": temperature, "top_p": top_p,
                    "max_new_tokens": max_new_tokens, "force_score": force_score}
 raw["curation"] = {**base.get("curation", {}), "strategy": strategy, "min_margin": min_margin,
-                   "max_pairs_per_item": max_pairs}
+                   "max_pairs_per_item": max_pairs, "meta_max_new_tokens": meta_tokens, "use_forced": use_forced,
+                   "dedupe": dedupe, "balance_scores": balance}
 raw["training"] = {**base.get("training", {}), "beta": beta, "learning_rate": lr, "epochs": epochs, "lora": lora}
 if not next_mode:
     model, model_error = model_spec(source, picked, typed)
@@ -235,15 +247,25 @@ else:
         st.caption(f"No preview: {e}")
     else:
         st.caption(f"These settings on {selected}, iteration {it}: {report['judgments']} judgments"
-                   f" of {report['items']} items.")
+                   f" of {report['items']} items ({report['duplicates']} duplicate texts).")
         c = st.columns(2 + len(report["skipped"]))
         c[0].metric("Pairs", report["pairs"])
         c[1].metric("Items with pairs", report["items_with_pairs"])
         for col, (reason, count) in zip(c[2:], report["skipped"].items()):
             col.metric(f"skipped: {reason.replace('_', ' ')}", count)
+        bias = report["length_bias"] or {}
+        if bias.get("chosen_mean_chars") is not None:
+            c = st.columns(3)
+            c[0].metric("Chosen rationale (mean chars)", f"{bias['chosen_mean_chars']:.0f}")
+            c[1].metric("Rejected rationale (mean chars)", f"{bias['rejected_mean_chars']:.0f}")
+            c[2].metric("Length ratio chosen / rejected", "-" if bias["ratio"] is None else f"{bias['ratio']:.2f}")
+        for warning in report["warnings"]:
+            st.warning(warning)
         left, right = st.columns(2)
         gaps = pl.DataFrame({"gap": list(report["margin_hist"]), "pairs": list(report["margin_hist"].values())})
-        left.plotly_chart(px.bar(gaps, x="gap", y="pairs", title="|rejected score - gold| per pair"),
+        gap_title = {"gold": "|rejected score - gold|", "majority": "|rejected score - modal score|",
+                     "meta": "rating chosen - rating rejected"}[report["strategy"]]
+        left.plotly_chart(px.bar(gaps, x="gap", y="pairs", title=f"{gap_title} per pair"),
                           key="preview_margin_hist")
         chosen = pl.DataFrame({"score": list(report["chosen_score_hist"]),
                                "pairs": list(report["chosen_score_hist"].values())})

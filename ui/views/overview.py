@@ -42,7 +42,8 @@ metrics = state.cached(queries.metrics_long, run_id)
 if metrics.height == 0:
     st.caption("No evaluation metrics yet.")
 else:
-    available = sorted(set(metrics["metric"].to_list()))
+    # Each iteration's own figures; baselines ('<method>/<metric>') and intervals are on the Evaluation page.
+    available = sorted({m for m in metrics["metric"].to_list() if "/" not in m and not m.endswith(("_lo", "_hi"))})
     default = [m for m in METRICS if m in available] or available[:3]
     picked = st.multiselect("Metrics", available, default=default, key="overview_metrics")
     datasets = sorted(set(metrics["dataset"].to_list()))
