@@ -467,6 +467,8 @@ def _print_status(s: dict) -> None:
         pairs = " ".join(f"{k}={v}" for k, v in it["pairs"].items() if v)
         typer.echo(f"  iteration {it['index']}: judgments={it['judgments']} parsed={it['parsed']} {stages}"
                    + (f" pairs: {pairs}" if pairs else ""))
+        for warning in it.get("curation_warnings", []):
+            typer.echo(f"    curation warning: {warning}")
         for name, m in it["metrics"].items():
             _print_metrics(name, m)
 

@@ -558,13 +558,14 @@ class Store:
                 "SELECT iteration, dataset, metric, value FROM evaluations WHERE run_id = ?", [run_id]
             ).fetchall()
             iters = con.execute(
-                "SELECT iteration, sampler_model, checkpoint, sample_status, curate_status, train_status,"
-                " evaluate_status FROM iterations WHERE run_id = ? ORDER BY iteration", [run_id]).fetchall()
+                "SELECT iteration, sampler_model, checkpoint, curate_report, sample_status, curate_status,"
+                " train_status, evaluate_status FROM iterations WHERE run_id = ? ORDER BY iteration",
+                [run_id]).fetchall()
         metrics: dict[int, dict[str, dict[str, float | None]]] = {}
         for it, ds, metric, value in metric_rows:
             metrics.setdefault(it, {}).setdefault(ds, {})[metric] = value
         out = []
-        for it, sampler, ckpt, *stage_status in iters:
+        for it, sampler, ckpt, curate_report, *stage_status in iters:
             n_train, parsed_train = counts.get((it, "train"), (0, 0))
             n_eval, parsed_eval = counts.get((it, "eval"), (0, 0))
             by_purpose = {p: n for (i, p), (n, _) in counts.items() if i == it}
@@ -579,6 +580,7 @@ class Store:
                 "checkpoint": ckpt,
                 "sampler_model": sampler,
                 "stages": dict(zip(STAGES, stage_status)),
+                "curation_warnings": json.loads(curate_report).get("warnings", []) if curate_report else [],
                 "metrics": metrics.get(it, {}),
             })
         return {
