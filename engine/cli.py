@@ -325,7 +325,7 @@ def _print_curation(r: dict, what: str) -> None:
         typer.echo(f"  warning: {warning}")
 
 
-METHODS = ("greedy", "self-consistency", "best-of-n", "relative")
+METHODS = ("greedy", "expected", "self-consistency", "best-of-n", "relative")
 
 
 @app.command()
@@ -334,15 +334,21 @@ def evaluate(
     iteration: Annotated[Optional[int], typer.Option(help="With --run: the iteration (0 = seed).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Standalone: 'embedded', a checkpoint dir or hub id.")] = None,
     dataset: Annotated[list[str], typer.Option(help="Standalone: dataset(s) to evaluate on.")] = [],
+    suite: Annotated[Optional[str], typer.Option(
+        help="A named set of datasets (standard: cia-biggen, rewardbench, hhh), with --model or --run.")] = None,
     method: Annotated[list[str], typer.Option(
-        help="Standalone: greedy (one greedy judgment), self-consistency (mean and majority of N sampled "
-             "scores), best-of-n (the sample the meta-judge rates highest), relative (A/B in both orders, "
-             "pairwise data). Repeat for several.")] = ["greedy"],
+        help="Standalone: greedy (one greedy judgment), expected (its probability-weighted score, G-Eval; "
+             "comes with greedy), self-consistency (mean and majority of N sampled scores), best-of-n (the "
+             "sample the meta-judge rates highest), relative (A/B in both orders, pairwise data). Repeat for "
+             "several. The response-length baseline is always reported beside them.")] = ["greedy"],
     n: Annotated[int, typer.Option("--n", help="Samples per item for self-consistency / best-of-n.")] = 5,
     split: Annotated[str, typer.Option(help="eval | train | all")] = "eval",
     max_items: Annotated[Optional[int], typer.Option(help="First N items per dataset.")] = None,
     backend: Annotated[str, typer.Option(help="transformers | vllm")] = "transformers",
     max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 256,
+    force_score: Annotated[Optional[bool], typer.Option(
+        "--force-score/--no-force-score", help="Close a rationale without a score with a forced one (default: "
+        "on for the embedded model only).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% intervals (0 = off).")] = 1000,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -354,27 +360,36 @@ def evaluate(
         from engine.iteration import Runner, create_run
 
         ws = _ws()
+        datasets = list(dataset)
+        if suite:
+            from engine.suites import suite_datasets
+
+            datasets += [d for d in suite_datasets(suite, ws.store().datasets()["name"].to_list()) if d not in datasets]
         if run_id is not None:
             if iteration is None:
                 _fail("--run needs --iteration")
-            metrics = Runner(ws, run_id).evaluate(iteration)
+            runner = Runner(ws, run_id, echo=not as_json)
+            runner._install_signal_handlers()
+            metrics = (runner.evaluate_datasets(iteration, datasets, max_items) if datasets
+                       else runner.evaluate(iteration))
         else:
-            if not model or not dataset:
-                _fail("standalone evaluate needs --model and --dataset (or --run and --iteration)")
+            if not model or not datasets:
+                _fail("standalone evaluate needs --model and --dataset or --suite (or --run and --iteration)")
             unknown = sorted(set(method) - set(METHODS))
             if unknown:
                 _fail(f"--method {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
             from engine.config import parse_run_config
 
             cfg = parse_run_config({
-                "model": model, "eval_datasets": dataset, "iterations": 0, "eval_split": split,
+                "model": model, "eval_datasets": datasets, "iterations": 0, "eval_split": split,
                 "max_eval_items": max_items,
-                "sampling": {"backend": backend, "max_new_tokens": max_new_tokens},
+                "sampling": {"backend": backend, "max_new_tokens": max_new_tokens, "force_score": force_score},
                 "evaluation": {
-                    "greedy": "greedy" in method, "bootstrap": bootstrap, "baseline_n": n,
+                    "greedy": bool({"greedy", "expected"} & set(method)), "bootstrap": bootstrap, "baseline_n": n,
                     "baselines": [m for m in ("self-consistency", "best-of-n") if m in method],
                     # Pairwise data: greedy scores each side (absolute), relative judges A/B.
-                    "pairwise_modes": ["absolute"] * ("greedy" in method) + ["relative"] * ("relative" in method),
+                    "pairwise_modes": ["absolute"] * bool({"greedy", "expected"} & set(method))
+                                      + ["relative"] * ("relative" in method),
                 },
             }, "evaluate options")
             rid = create_run(ws, cfg, kind="evaluate")
@@ -435,8 +450,9 @@ def _fmt(v) -> str:
     return "nan" if v is None or v != v else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-_HEADLINE = ("pearson", "spearman", "kendall", "exact", "within1", "accuracy", "section_mean_accuracy", "tie_rate",
-             "parse_failure_rate")
+_HEADLINE = ("pearson", "spearman", "kendall", "exact", "within1", "partial_pearson", "similar_length_accuracy",
+             "accuracy", "section_mean_accuracy", "accuracy_chosen_longer", "accuracy_chosen_shorter", "tie_rate",
+             "ece", "parse_failure_rate")
 
 
 def _print_metrics(name: str, m: dict, indent: str = "    ") -> None:
@@ -454,6 +470,8 @@ def _print_metrics(name: str, m: dict, indent: str = "    ") -> None:
             parts.append(f"{k}={_fmt(v)}{ci}")
         if parts:
             typer.echo(f"{indent}{name}{' ' + method if method else ''}: " + "  ".join(parts))
+        if m.get(prefix + "saturated") == 1:
+            typer.echo(f"{indent}  warning: score saturation (one score takes over half the judgments, gold is balanced)")
 
 
 def _print_status(s: dict) -> None:

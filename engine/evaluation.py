@@ -31,14 +31,21 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from engine.calibration import (
+    expected_calibration_error, expected_scores, mean_entropy, reliability_bins, saturation_warning, score_shares,
+)
 from engine.judging import JudgeRequest
+from engine.length import (
+    length_baseline_scores, pairwise_by_length, partial_correlation, similar_length_pair_accuracy,
+)
 from engine.metrics import (
     PAIR_LABELS, absolute_metrics, confusion_matrix, pairwise_metrics, section_mean_accuracy,
 )
 from engine.prompts import absolute_messages
 
 CHOSEN_SIDE = {"A": "a", "B": "b"}
-METHODS = ("greedy", "self-consistency-mean", "self-consistency-majority", "best-of-n")
+METHODS = ("greedy", "self-consistency-mean", "self-consistency-majority", "best-of-n", "expected")
+PROBS = [f"p{k}" for k in range(1, 6)]
 NO_GROUP = "(none)"  # group value of an item that lacks the meta key others have
 RUBRIC_CHARS = 80  # a rubric without a name is grouped by its criteria text, cut to this length
 ABSOLUTE_GROUPS = ("rubric", "capability", "task")
@@ -81,9 +88,19 @@ def predictions(judgments: pl.DataFrame, method: str = "greedy", ratings: pl.Dat
         pred = judgments.group_by("item_id", "side").agg(pred=pl.col("score").cast(pl.Float64).mean())
     elif method == "self-consistency-majority":
         pred = _majority(judgments)
+    elif method == "expected":
+        pred = _expected(judgments)
     else:
         pred = _best_of_n(judgments, ratings)
     return base.join(pred, on=["item_id", "side"], how="left").sort("item_id", "side")
+
+
+def _expected(judgments: pl.DataFrame) -> pl.DataFrame:
+    """G-Eval's probability-weighted score sum_k k p_k per judgment, averaged over an item's judgments;
+    judgments stored without probabilities add nothing."""
+    expected = expected_scores(judgments.select(PROBS).to_numpy()) if judgments.height else []
+    return (judgments.select("item_id", "side").with_columns(pl.Series("pred", expected, dtype=pl.Float64))
+            .group_by("item_id", "side").agg(pl.col("pred").fill_nan(None).mean()))
 
 
 def _majority(judgments: pl.DataFrame) -> pl.DataFrame:
@@ -137,6 +154,9 @@ def evaluate_judgments(items: pl.DataFrame, judgments: pl.DataFrame, *, method: 
         result = _pairwise(items, preds, bootstrap, seed)
     else:
         result = _absolute(items, preds, bootstrap, seed)
+        if method != "best-of-n":  # its prediction is one judgment's score, its probabilities are not chosen
+            _calibration(result, items, judgments)
+    result.metrics.update(_shares(items, judgments.filter(pl.col("side").is_in(["a", "b"]))))
     result.metrics["parse_failure_rate"] = failure_rate
     result.metrics = {k: float(v) for k, v in result.metrics.items()}
     return result
@@ -156,6 +176,14 @@ def _absolute(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: in
         raise ValueError(f"item {r['item_id']}: no gold score; absolute evaluation needs one per item")
     gold, pred = rows["gold_score"].to_list(), rows["pred"].to_list()
     metrics = absolute_metrics(gold, pred, bootstrap=bootstrap, seed=seed)
+    lengths = rows.join(items.select("item_id", "instruction", "response"), on="item_id", how="left",
+                        maintain_order="left")
+    length = response_length(lengths["response"]).to_list()
+    metrics["partial_pearson"] = partial_correlation(gold, pred, length, "pearson")
+    metrics["partial_spearman"] = partial_correlation(gold, pred, length, "spearman")
+    similar = similar_length_pair_accuracy(lengths["instruction"].to_list(), gold, pred, length)
+    metrics["similar_length_accuracy"] = similar["accuracy"]
+    metrics["similar_length_pairs"] = similar["n_pairs"]
     groups = _groups(rows, ABSOLUTE_GROUPS)
     breakdown = []
     for group_by, values in groups.items():
@@ -178,6 +206,12 @@ def _pairwise(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: in
         rejected.append(r["a"] if flip else r["b"])
         labels.append(r["label"])
     metrics = pairwise_metrics(chosen, rejected, labels, bootstrap=bootstrap, seed=seed)
+    sized = rows.join(items.select("item_id", "response", "response_b"), on="item_id", how="left",
+                      maintain_order="left")
+    len_a, len_b = response_length(sized["response"]).to_list(), response_length(sized["response_b"]).to_list()
+    flip = [label == "B" for label in labels]
+    metrics.update(pairwise_by_length(chosen, rejected, [b if f else a for a, b, f in zip(len_a, len_b, flip)],
+                                      [a if f else b for a, b, f in zip(len_a, len_b, flip)], labels))
     groups = _groups(rows, PAIRWISE_GROUPS)
     breakdown = []
     for group_by, values in groups.items():
@@ -189,6 +223,52 @@ def _pairwise(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: in
         if group_by == "section":
             metrics["section_mean_accuracy"] = section_mean_accuracy(accuracy)
     return EvalResult(metrics, _frame(breakdown), None)
+
+
+def response_length(responses: pl.Series) -> pl.Series:
+    """The length every length figure uses: characters (tokenizer-free, the same for every judge)."""
+    return responses.fill_null("").str.len_chars().cast(pl.Float64)
+
+
+def _calibration(result: EvalResult, items: pl.DataFrame, judgments: pl.DataFrame) -> None:
+    """ECE and mean entropy of the stored score distributions vs gold (absolute data), and the reliability
+    diagram's bins as breakdown rows (group_by "reliability")."""
+    rows = judgments.filter((pl.col("side") == "a") & pl.col("p1").is_not_null()).join(
+        items.select("item_id", "gold_score"), on="item_id", how="inner")
+    if rows.height == 0:
+        return
+    probs, gold = rows.select(PROBS).to_numpy(), rows["gold_score"].to_list()
+    result.metrics["ece"] = expected_calibration_error(probs, gold)
+    result.metrics["mean_entropy"] = mean_entropy(probs)
+    bins = [_rows("reliability", f"{b['lo']:.1f}-{b['hi']:.1f}",
+                  {"confidence": b["confidence"], "accuracy": b["accuracy"], "n": b["count"]})
+            for b in reliability_bins(probs, gold) if b["count"]]
+    result.breakdowns = pl.concat([result.breakdowns, _frame([r for rs in bins for r in rs])],
+                                  how="vertical_relaxed")
+
+
+def _shares(items: pl.DataFrame, judgments: pl.DataFrame) -> dict[str, float]:
+    """share_1..share_5 of the judgments' scores, and (absolute data) `saturated` = 1 when one score takes
+    more than half of them while gold is balanced (calibration.saturation_warning)."""
+    scores = judgments["score"].to_list()
+    out = {f"share_{k}": v for k, v in score_shares(scores).items()}
+    if items.height and items["kind"][0] == "absolute" and scores:
+        out["saturated"] = float(saturation_warning(scores, items["gold_score"].to_list()) is not None)
+    return out
+
+
+def length_baseline(items: pl.DataFrame, *, bootstrap: int = 1000, seed: int = 0) -> EvalResult:
+    """The response-length baseline scored like a judge: absolute data, score = the rank of the response's
+    length within the dataset mapped onto 1-5; pairwise data, the longer response wins."""
+    if items.height == 0:
+        return EvalResult({}, _frame([]), None)
+    if items["kind"][0] == "pairwise":
+        preds = pl.concat([items.select("item_id", side=pl.lit("a"), pred=response_length(items["response"])),
+                           items.select("item_id", side=pl.lit("b"), pred=response_length(items["response_b"]))])
+        return _pairwise(items, preds.with_columns(failures=pl.lit(0), samples=pl.lit(1)), bootstrap, seed)
+    scores = length_baseline_scores(response_length(items["response"]).to_list())
+    preds = items.select("item_id", side=pl.lit("a"), pred=pl.Series(scores, dtype=pl.Float64))
+    return _absolute(items, preds, bootstrap, seed)
 
 
 def confusion_breakdown(confusion: list[list[int]]) -> pl.DataFrame:

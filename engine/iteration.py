@@ -413,6 +413,16 @@ class Runner:
             return results
         return self._guarded(k, "evaluate", work)
 
+    def evaluate_datasets(self, k: int, datasets: list[str], max_items: int | None = None) -> dict:
+        """Evaluate iteration k's judge on `datasets` (e.g. a suite) beside the run's own eval sets: stored
+        per iteration like them, resumable, leaving the evaluate stage's status alone."""
+        model = self.model_of(k)
+        results = {}
+        for name in datasets:
+            items = self.store.items(name, _split(self.cfg.eval_split), max_items or self.cfg.max_eval_items)
+            results[name] = self._evaluate_dataset(k, name, items, model)
+        return results
+
     def _mark_seed_stages(self) -> None:
         """Iteration 0 samples and curates nothing; it trains only when the config has a seed SFT."""
         self.store.ensure_iteration(self.run_id, 0, sampler_model=self.base_model())
@@ -427,7 +437,7 @@ class Runner:
     def _evaluate_dataset(self, k: int, name: str, items: pl.DataFrame, model: str) -> dict[str, float]:
         """Every evaluation method the config asks for on one dataset; metrics stored as '<method>/<metric>'
         (no prefix for the main, greedy figures) and per-group breakdowns beside them."""
-        from engine.evaluation import EvalResult, confusion_breakdown, evaluate_judgments
+        from engine.evaluation import EvalResult, confusion_breakdown, evaluate_judgments, length_baseline
         from engine.relative import relative_breakdown, relative_metrics, relative_requests
 
         e, s = self.cfg.evaluation, self.cfg.sampling
@@ -457,8 +467,11 @@ class Runner:
 
         if e.greedy and (not pairwise or "absolute" in e.pairwise_modes):
             judgments = judge("eval", eval_requests(items), e.n, greedy, e.seed)
-            record("greedy", evaluate_judgments(items, judgments, method="greedy", bootstrap=e.bootstrap,
-                                                seed=e.seed), "")
+            for method, prefix in (("greedy", ""), ("expected", "expected/")):  # expected: same judgments
+                record(method, evaluate_judgments(items, judgments, method=method, bootstrap=e.bootstrap,
+                                                  seed=e.seed), prefix)
+        # What response length alone scores, beside every judge (no model involved, so every iteration).
+        record("length-baseline", length_baseline(items, bootstrap=e.bootstrap, seed=e.seed), "length-baseline/")
         if pairwise and "relative" in e.pairwise_modes:
             judgments = judge("relative", relative_requests(items), e.n, replace(greedy, mode="relative"), e.seed)
             record("relative", EvalResult(relative_metrics(items, judgments), relative_breakdown(items, judgments),

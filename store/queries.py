@@ -514,3 +514,13 @@ def breakdown(store: Store, run_id: str, dataset: str, group_by: str) -> pl.Data
 
 def run_reports(store: Store, run_id: str) -> dict[str, dict]:
     return store.run_reports(run_id)
+
+
+def reliability(store: Store, run_id: str) -> pl.DataFrame:
+    """iteration, dataset, bin, confidence, accuracy, n: the reliability diagram of each iteration's greedy
+    judgments (stored as breakdown rows group_by 'reliability')."""
+    return store._read(
+        "PIVOT (SELECT iteration, dataset, group_value AS bin, metric, value FROM evaluation_breakdowns"
+        " WHERE run_id = ? AND method = 'greedy' AND group_by = 'reliability')"
+        " ON metric IN ('confidence', 'accuracy', 'n') USING first(value) ORDER BY iteration, dataset, bin",
+        [run_id])

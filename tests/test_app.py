@@ -490,3 +490,20 @@ def test_evaluation_page_sets_judges_and_baselines_side_by_side(ws):
     at.selectbox(key="breakdown_group").set_value("confusion").run()
     heat = traces(at, "confusion_chart")[0]
     assert np.array(heat["z"]).reshape(5, 5).trace() == 5
+
+
+def test_overview_shows_calibration_entropy_and_saturation(ws):
+    store = Store.in_workspace(ws)
+    for it, entropy in ((0, 1.2), (1, 0.6), (2, 0.1)):
+        store.put_metrics(RUN, it, "demo", {"mean_entropy": entropy, "saturated": float(it == 2)})
+        store.put_breakdowns(RUN, it, "demo", "greedy", [
+            {"group_by": "reliability", "group_value": b, "metric": m, "value": v}
+            for b, conf, acc in (("0.4-0.5", 0.45, 0.3), ("0.9-1.0", 0.95, 0.5))
+            for m, v in (("confidence", conf), ("accuracy", acc), ("n", 10.0))])
+    at = app()
+    assert {"reliability", "entropy"} <= chart_keys(at)
+    assert [w.value for w in at.warning if "saturation" in w.value] == [
+        "Iteration 2, demo: score saturation (one score takes more than half of the judgments while gold is balanced)."]
+    lines = {t["name"]: t for t in traces(at, "reliability")}
+    assert lines["iteration 2 · demo"]["x"] == [0.45, 0.95] and lines["iteration 2 · demo"]["y"] == [0.3, 0.5]
+    assert traces(at, "entropy")[0]["y"] == [1.2, 0.6, 0.1]

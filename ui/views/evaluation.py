@@ -11,8 +11,9 @@ import streamlit as st
 from store import queries
 from ui import state
 
-HEADLINE = ("pearson", "spearman", "kendall", "exact", "within1", "accuracy", "section_mean_accuracy",
-            "tie_rate", "position_consistency", "parse_failure_rate", "n")
+HEADLINE = ("pearson", "spearman", "kendall", "exact", "within1", "partial_pearson", "similar_length_accuracy",
+            "accuracy", "section_mean_accuracy", "accuracy_chosen_longer", "accuracy_chosen_shorter", "tie_rate",
+            "position_consistency", "ece", "mean_entropy", "parse_failure_rate", "n")
 
 st.title("Evaluation")
 
@@ -36,7 +37,9 @@ data = figures.filter(pl.col("dataset") == dataset)
 
 st.subheader("Judges")
 st.caption("Iteration 0 is the seed; methods other than greedy are baselines computed on it "
-           "(relative = A/B judging in both orders, a disagreement counts as a tie).")
+           "(relative = A/B judging in both orders, a disagreement counts as a tie; expected = the "
+           "probability-weighted score; length-baseline = response length alone). partial_pearson controls "
+           "for response length; similar_length_accuracy orders within-prompt pairs of similar length.")
 wide = (data.filter(pl.col("metric").is_in(HEADLINE))
         .pivot(on="metric", index=["judge", "iteration", "method"], values="value")
         .sort("iteration", "method"))

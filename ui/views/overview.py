@@ -54,6 +54,31 @@ else:
         fig.update_xaxes(dtick=1)
         cols[i % len(cols)].plotly_chart(fig, key=f"metrics_{name}")
 
+if metrics.height:
+    st.subheader("Calibration and saturation")
+    st.caption("From the five score probabilities stored with each greedy judgment: a reliability diagram "
+               "(confidence in the top score vs how often it equals gold; the diagonal is perfect calibration) "
+               "and the mean entropy of the score distribution per iteration (a collapse flags overconfidence).")
+    saturated = metrics.filter((pl.col("metric") == "saturated") & (pl.col("value") == 1))
+    for row in saturated.iter_rows(named=True):
+        st.warning(f"Iteration {row['iteration']}, {row['dataset']}: score saturation (one score takes more than "
+                   "half of the judgments while gold is balanced).")
+    bins = state.cached(queries.reliability, run_id)
+    c = st.columns(2)
+    if bins.height:
+        fig = px.line(bins.sort("iteration", "dataset", "confidence").with_columns(
+            pl.format("iteration {} · {}", pl.col("iteration"), pl.col("dataset")).alias("judge")),
+            x="confidence", y="accuracy", color="judge", markers=True, hover_data=["n"],
+            range_x=[0, 1], range_y=[0, 1], title="Reliability diagram")
+        fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "grey"})
+        c[0].plotly_chart(fig, key="reliability")
+    entropy = metrics.filter(pl.col("metric") == "mean_entropy").sort("iteration")
+    if entropy.height:
+        fig = px.line(entropy, x="iteration", y="value", color="dataset", markers=True,
+                      title="Mean entropy of the score distribution (nats; uniform = 1.609)")
+        fig.update_xaxes(dtick=1)
+        c[1].plotly_chart(fig, key="entropy")
+
 if iters.height:
     st.subheader("Parse failures")
     rate = iters.filter(pl.col("parse_rate").is_not_null()).with_columns(
