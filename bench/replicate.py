@@ -66,8 +66,10 @@ def config(a: argparse.Namespace) -> dict:
         # meta_max_new_tokens: the best-of-N meta-judge writes a short note, then its rating.
         "curation": {"strategy": "gold", "min_margin": a.min_margin, "max_pairs_per_item": a.pairs_per_item,
                      "meta_max_new_tokens": 16},
-        "training": {"beta": 0.1, "learning_rate": a.dpo_lr, "epochs": 1, "batch_size": 4,
-                     "max_length": a.max_length, "reference": "previous"},
+        # 2 pairs x 2 accumulation steps: 4 pairs of ~1,700-token judgments at once need >20 GB on CPU
+        # (full-vocabulary logits over the prompt too); 2 at a time stay under ~10 GB.
+        "training": {"beta": 0.1, "learning_rate": a.dpo_lr, "epochs": 1, "batch_size": 2,
+                     "gradient_accumulation_steps": 2, "max_length": a.max_length, "reference": "previous"},
         "evaluation": {"n": 1, "temperature": 0.0, "max_new_tokens": a.eval_new_tokens,
                        "pairwise_modes": ["absolute", "relative"] if a.relative else ["absolute"],
                        "baselines": ["self-consistency", "best-of-n"],
@@ -77,7 +79,9 @@ def config(a: argparse.Namespace) -> dict:
 
 # Rows of the table: (label, iteration of the run, metric prefix).
 JUDGES = [
+    ("response length alone (baseline)", 0, "length-baseline/"),
     ("J_SFT (seed, greedy)", 0, ""),
+    ("J_SFT, expected score (G-Eval)", 0, "expected/"),
     ("self-consistency, mean of N", 0, "self-consistency-mean/"),
     ("self-consistency, majority of N", 0, "self-consistency-majority/"),
     ("best-of-N (meta-judge)", 0, "best-of-n/"),
@@ -87,6 +91,7 @@ JUDGES = [
 ]
 COLUMNS = [
     ("CIA held-out Pearson [95% CI]", "cia-heldout", "pearson"),
+    ("partial r given length", "cia-heldout", "partial_pearson"),
     ("Spearman", "cia-heldout", "spearman"),
     ("Kendall", "cia-heldout", "kendall"),
     ("exact", "cia-heldout", "exact"),

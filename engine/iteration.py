@@ -126,7 +126,8 @@ def run_single_stage(ws: Workspace, run_id: str, new_run_id: str | None = None, 
     Runner(ws, new_run_id, sampler_factory=sampler_factory, echo=echo).run_all()
     metrics = store.run_status(new_run_id)["iterations"][1]["metrics"]
     for dataset, values in metrics.items():
-        store.put_metrics(run_id, 0, dataset, {f"single-stage-dpo/{m}": v for m, v in values.items()})
+        store.put_metrics(run_id, 0, dataset, {f"single-stage-dpo/{m}": v for m, v in values.items()
+                                               if not m.startswith("length-baseline/")})  # the parent has it
     return metrics
 
 
