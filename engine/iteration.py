@@ -160,17 +160,26 @@ class Runner:
                 self.curate(k)
                 self.train(k)
                 self.evaluate(k)
-        except Cancelled:
-            self.store.update_run(self.run_id, status="cancelled")
-            self.log("cancelled; `selfrat resume` continues from here")
-            raise
         except BaseException as e:
+            if self._cancelled:
+                self.store.update_run(self.run_id, status="cancelled")
+                self.log("cancelled; `selfrat resume` continues from here")
+                raise self._as_cancelled(e)
             self.store.update_run(self.run_id, status="failed", error=f"{type(e).__name__}: {e}")
             self.log(f"failed: {type(e).__name__}: {e}")
             raise
         self.store.update_run(self.run_id, status="done")
         self.log("done")
         return self.store.run_status(self.run_id)
+
+    def _as_cancelled(self, e: BaseException) -> BaseException:
+        """The signal handler's Cancelled may arrive wrapped: DuckDB turns an exception raised while a query
+        runs into RuntimeError('Query interrupted'). After a signal, any error is the cancellation."""
+        if isinstance(e, Cancelled):
+            return e
+        c = Cancelled(f"cancelled ({type(e).__name__}: {e})")
+        c.__cause__ = e
+        return c
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -227,10 +236,10 @@ class Runner:
     def _guarded(self, iteration: int, stage: str, fn):
         try:
             return fn()
-        except Cancelled:
-            self.store.set_stage(self.run_id, iteration, stage, "cancelled")
-            raise
-        except BaseException:
+        except BaseException as e:
+            if self._cancelled:
+                self.store.set_stage(self.run_id, iteration, stage, "cancelled")
+                raise self._as_cancelled(e)
             self.store.set_stage(self.run_id, iteration, stage, "failed")
             raise
 

@@ -377,17 +377,20 @@ class Store:
         return rows[0]["kind"]
 
     def items(self, dataset: str, split: str | None = None, limit: int | None = None) -> pl.DataFrame:
-        """Items of a dataset in a stable order (by item_id), optionally one split and the first `limit`."""
+        """Items of a dataset in a stable order (by item_id), optionally one split and the first `limit`.
+
+        Data with sections (RewardBench's meta "section") is capped per section, so a capped evaluation still
+        covers every section and the mean of sections stays meaningful."""
         self.dataset_kind(dataset)
         sql = f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE dataset = ?"
         params: list[Any] = [dataset]
         if split and split != "all":
             sql += " AND split = ?"
             params.append(split)
-        sql += " ORDER BY item_id"
         if limit:
-            sql += f" LIMIT {int(limit)}"
-        return self._read(sql, params)
+            sql += (" QUALIFY row_number() OVER (PARTITION BY json_extract_string(meta, '$.section')"
+                    f" ORDER BY item_id) <= {int(limit)}")
+        return self._read(sql + " ORDER BY item_id", params)
 
     def run(self, run_id: str) -> dict:
         rows = self._rows("SELECT * FROM runs WHERE run_id = ?", [run_id])

@@ -234,6 +234,39 @@ def test_preview_counts_equal_what_curate_writes(tmp_path):
     assert sum(loose["margin_hist"].values()) == sum(loose["chosen_score_hist"].values()) == loose["pairs"]
 
 
+def test_a_signal_during_a_store_query_still_cancels(tmp_path):
+    """DuckDB turns the handler's Cancelled, raised while a query runs, into RuntimeError('Query
+    interrupted'): the run must still end 'cancelled' (exit 130, resumable), not 'failed'."""
+    import signal
+    import threading
+
+    import duckdb
+
+    from engine.iteration import Cancelled, Runner, create_run
+    from engine.sampling import FakeSampler
+
+    w = Workspace.open(tmp_path / "ws")
+    ensure_demo_dataset(w)
+    rid = create_run(w, parse_run_config({"model": "some-org/judge", "train_dataset": "demo", "iterations": 1,
+                                          "max_train_items": 4, "sampling": {"n": 2}}), "sig")
+
+    def script(messages, index, seed):
+        # The cancel signal lands while a long query runs, as when the job writes a batch of judgments.
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        duckdb.connect().execute("SELECT count(*) FROM range(100000000000) t(x) WHERE x % 7 = 3").fetchall()
+        return "unreachable [RESULT] 3"
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(Cancelled, match="Query interrupted"):
+            Runner(w, rid, sampler_factory=lambda path: FakeSampler(script), echo=False).run_all()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    store = w.store()
+    assert store.run(rid)["status"] == "cancelled"
+    assert store.iteration(rid, 1)["sample_status"] == "cancelled"
+
+
 def test_pair_edits_and_status_reads_while_a_job_writes(ws, finished, tiny_model_dir):
     """THE concurrency test: the app (this process) reviews pairs of a finished run and `selfrat status`
     reads, while a job process writes judgments batch by batch to the same DuckDB file."""

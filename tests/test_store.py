@@ -28,6 +28,19 @@ def make_items(dataset: str, n: int, kind: str = "absolute") -> pl.DataFrame:
                                       for c in ITEM_COLUMNS})
 
 
+def test_item_limit_is_per_section_where_the_data_has_sections(tmp_path):
+    store = Store(tmp_path / "db.duckdb")
+    items = make_items("rb", 9, "pairwise").with_columns(
+        split=pl.lit("eval"), meta=pl.Series([f'{{"section": "{s}"}}' for s in "AAAAABBBC"]))
+    store.import_items("rb", "pairwise", items, source="x", preset=None, source_rows=9)
+    capped = store.items("rb", "eval", 2)
+    # Two of A, two of B, the one C: a plain LIMIT 2 would have taken A's first two only.
+    assert capped["item_id"].to_list() == [10_000, 10_001, 10_005, 10_006, 10_008]
+    plain = make_items("d", 8)  # no sections: the first N as before
+    store.import_items("d", "absolute", plain, source="x", preset=None, source_rows=8)
+    assert store.items("d", None, 3)["item_id"].to_list() == [0, 1, 2]
+
+
 def judgment_rows(run_id, iteration, item_ids, n, scores):
     rows = []
     for item in item_ids:
