@@ -187,15 +187,17 @@ def absolute_metrics(gold: Sequence[float], pred: Sequence[float | None], *, boo
 
     Args:
         gold: gold scores, one per item (may be non-integer, e.g. a mean of annotators; rounded half up for `exact`).
-        pred: the judge's score per item, `None` (or NaN) for a parse failure.
+        pred: the judge's score per item, `None` (or NaN) for a parse failure. A fractional prediction
+            (self-consistency mean, expected score) keeps its value in the correlations and is rounded half
+            up for exact and within1, as the 1-5 score it stands for.
         bootstrap: resamples for the 95% intervals of the correlations (0 = no intervals, no `_lo`/`_hi` keys).
         seed: the resampling seed (same seed, same intervals).
 
     Returns:
         pearson, spearman, kendall: over the items with a prediction (NaN if < 2 of them or a constant side),
             each with `_lo` and `_hi` (bootstrap over the scored items) when bootstrap > 0.
-        exact: round(gold) == pred, over all items (failures count as wrong).
-        within1: |gold - pred| <= 1, over all items (failures count as wrong).
+        exact: round(gold) == round(pred), over all items (failures count as wrong).
+        within1: |gold - round(pred)| <= 1, over all items (failures count as wrong).
         parse_failure_rate: failures / n.  n: items.  n_scored: items with a prediction.
         mean_score: mean prediction over scored items (NaN if none): watch it for drift toward 5.
 
@@ -212,8 +214,8 @@ def absolute_metrics(gold: Sequence[float], pred: Sequence[float | None], *, boo
     g_arr = np.array([g for g, _ in scored], dtype=float)
     p_arr = np.array([p for _, p in scored], dtype=float)
 
-    exact = sum(1 for g, p in scored if _round_half_up(g) == p)
-    within1 = sum(1 for g, p in scored if abs(g - p) <= 1)
+    exact = sum(1 for g, p in scored if _round_half_up(g) == _round_half_up(p))
+    within1 = sum(1 for g, p in scored if abs(g - _round_half_up(p)) <= 1)
     out = _correlations(g_arr, p_arr)
     if bootstrap > 0:
         out.update(bootstrap_correlations(g_arr, p_arr, bootstrap, seed))
