@@ -164,6 +164,9 @@ def main() -> None:
     p.add_argument("--baseline-n", type=int, default=3)
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--relative", action="store_true", help="Also judge RewardBench A/B in both orders (~2x eval).")
+    p.add_argument("--refresh", action="store_true",
+                   help="Recompute every figure from the stored judgments (after a change to the metrics; "
+                        "nothing is generated again), then write the table.")
     a = p.parse_args()
 
     t0 = time.time()
@@ -175,6 +178,13 @@ def main() -> None:
     Runner(ws, RUN_ID).run_all()
     t_loop = time.time() - t0
     run_single_stage(ws, RUN_ID)  # also recorded as the parent's 'single-stage-dpo/<metric>'
+    if a.refresh:  # every judgment and meta rating is stored, so evaluating again only recomputes figures
+        for rid in (RUN_ID, f"{RUN_ID}-single-stage"):
+            runner = Runner(ws, rid)
+            for it in store.run_status(rid)["iterations"]:
+                if it["metrics"]:  # evaluated before (the single-stage child skips its seed)
+                    runner.evaluate_datasets(it["index"], runner.cfg.eval_datasets)
+        run_single_stage(ws, RUN_ID)  # copies the child's refreshed figures into the parent
     elapsed = time.time() - t0
 
     status = store.run_status(RUN_ID)
