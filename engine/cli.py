@@ -343,7 +343,8 @@ def evaluate(
              "several. The response-length baseline is always reported beside them.")] = ["greedy"],
     n: Annotated[int, typer.Option("--n", help="Samples per item for self-consistency / best-of-n.")] = 5,
     split: Annotated[str, typer.Option(help="eval | train | all")] = "eval",
-    max_items: Annotated[Optional[int], typer.Option(help="First N items per dataset (per section where it has sections, e.g. RewardBench).")] = None,
+    max_items: Annotated[Optional[int], typer.Option(
+        help="First N items per dataset (per section where it has sections, e.g. RewardBench).")] = None,
     backend: Annotated[str, typer.Option(help="transformers | vllm")] = "transformers",
     max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 256,
     force_score: Annotated[Optional[bool], typer.Option(

@@ -61,7 +61,6 @@ def test_exact_rounds_gold_half_up():
     assert m["exact"] == 1.0
 
 
-
 def test_fractional_predictions_are_rounded_for_exact_and_within1_only():
     # A self-consistency mean or expected score of 2.5 stands for a 3; 4.4 for a 4. Unrounded, exact would
     # be 0 for any judge whose scores are means; the correlations keep the fractional values.
@@ -70,6 +69,7 @@ def test_fractional_predictions_are_rounded_for_exact_and_within1_only():
     assert m["exact"] == pytest.approx(2 / 4)  # 3 == 3, 4 == 4; 1 != 3, 5 != 4
     assert m["within1"] == pytest.approx(3 / 4)  # |1 - 3| = 2 misses (unrounded 1.6 would have hit)
     assert m["pearson"] == pytest.approx(np.corrcoef(gold, [2.5, 4.4, 2.6, 3.9])[0, 1])  # not of the rounded
+
 
 @pytest.mark.parametrize(
     "gold, pred",
