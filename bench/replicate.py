@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.config import parse_run_config  # noqa: E402
-from engine.importers import read_items  # noqa: E402
+from engine.importers import import_file  # noqa: E402
 from engine.iteration import Runner, create_run, run_single_stage  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
 
@@ -45,10 +45,11 @@ def import_data(ws: Workspace, data: Path) -> None:
     for name, (file, preset, split) in DATASETS.items():
         if name in have:
             continue
-        result = read_items(str(data / file), dataset=name, preset=preset, split=split, skip_invalid=True)
-        store.import_items(name, result.kind, result.items, source=str(data / file), preset=preset,
-                           source_rows=result.source_rows)
-        print(f"imported {name}: {result.items.height} items ({len(result.skipped)} rows skipped)")
+        # CIA grades one response text at several scores in a few prompts: ambiguous gold, dropped.
+        r = import_file(store, str(data / file), dataset=name, preset=preset, split=split, skip_invalid=True,
+                        on_conflict="drop")
+        print(f"imported {name}: {r['inserted']} items ({r['skipped']} rows skipped, {r['conflict_dropped']}"
+              " conflicting items dropped)")
 
 
 def config(a: argparse.Namespace) -> dict:

@@ -12,7 +12,9 @@ Each command validates its input, calls one engine function and returns an exit 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -69,55 +71,128 @@ def _guard(fn):
         raise
 
 
-def _parse_map(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            _fail(f"--map expects TARGET=SOURCE, got {p!r}")
-        target, source = p.split("=", 1)
-        out[target.strip()] = source.strip()
-    return out
+@contextlib.contextmanager
+def _errors():
+    """Expected failures inside the block become a one-line error and exit 2."""
+    try:
+        yield
+    except _user_errors() as e:
+        _fail(str(e))
 
 
 # ------------------------------------------------------------------ data
 
+_IMPORT_EPILOG = """Mapping targets (--map TARGET=SOURCE, or TARGET=TEMPLATE with {column} fields and \\n for a newline):
+instruction, input (the text the instruction works on; rendered after it in the judge prompt), response,
+response_b, label, reference, rubric (an object) or criteria + score1_description..score5_description,
+gold_score, gold_scores (several annotators: mean), gold_feedback, split, and for pairwise data prompt,
+chosen, rejected, response_a; section and subset (metadata that drives the per-section / per-subset
+breakdowns; RewardBench reports the mean of sections). Any other column is kept in meta.
+Without --split, items go to the split named by a split column, else to train."""
 
-@app.command("import")
+
+@app.command("import", epilog=_IMPORT_EPILOG)
 def import_(
-    path: Annotated[str, typer.Argument(help="JSONL/JSON/CSV/TSV/Parquet file, HF dataset dir, or hub id.")],
+    path: Annotated[str, typer.Argument(help="JSONL/JSON/CSV/TSV/Parquet file (JSON and Parquet are recognised "
+                                             "by content), a saved datasets dir, or a hub id.")],
     dataset: Annotated[str, typer.Option(help="Name to import into.")],
     preset: Annotated[Optional[str], typer.Option(help="feedback-collection | prometheus-prompt | "
-                                                       "prometheus-pairwise | cia | pairwise")] = None,
-    map_: Annotated[list[str], typer.Option("--map", help="TARGET=SOURCE column mapping (repeatable).")] = [],
-    split: Annotated[Optional[str], typer.Option(help="train | eval for every row.")] = None,
+                                                       "prometheus-pairwise | cia | pairwise (default: detected "
+                                                       "from the columns).")] = None,
+    map_: Annotated[list[str], typer.Option("--map", help="TARGET=SOURCE, or TARGET=TEMPLATE such as "
+                                            "'prompt={instruction}\\n\\n{input}' (repeatable; targets below).")] = [],
+    set_: Annotated[list[str], typer.Option("--set", help="NAME=VALUE: a column with this value for every row of "
+                                            "this file, e.g. subset=adversarial (repeatable).")] = [],
+    label_majority: Annotated[Optional[str], typer.Option(
+        help="COL1,COL2,...: the label is the value more than half of these columns hold (before --label-a/-b/"
+             "-tie apply); a row without one is invalid, or a tie when --label-tie is given.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="train | eval for every row (default: a split column, "
+                                                      "else train).")] = None,
     label_a: Annotated[Optional[str], typer.Option(help="Label value meaning response A wins.")] = None,
     label_b: Annotated[Optional[str], typer.Option(help="Label value meaning response B wins.")] = None,
     label_tie: Annotated[Optional[str], typer.Option(help="Label value meaning a tie.")] = None,
+    on_conflict: Annotated[str, typer.Option(
+        help="The same content with different gold/labels: error (refuse, rows named) | first | last | drop.")
+    ] = "error",
+    replace: Annotated[bool, typer.Option("--replace", help="Replace the dataset's items with this file's, in "
+                                                            "one transaction (corrections, a new split).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --replace: even while runs use the dataset.")] = False,
+    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of the file (default utf-8), e.g. "
+                                                         "latin-1, cp1252.")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="Import the valid rows and list the skipped ones.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the import report as JSON.")] = False,
 ) -> None:
-    """Import rubric-graded (absolute) or preference (pairwise) data into a dataset."""
-    if split not in (None, "train", "eval"):
-        _fail(f"--split must be train or eval, got {split!r}")
+    """Import rubric-graded (absolute) or preference (pairwise) data into a dataset: all rows or none.
 
-    def body():
-        from engine.importers import read_items
+    Duplicates (the same content twice) are merged into their first row and reported; the same content with
+    two different labels or gold scores is a conflict (see --on-conflict). Re-importing a file adds what is new;
+    a corrected file or another --split needs --replace."""
+    from engine.importers import import_file, parse_constants, parse_mapping
 
-        result = read_items(path, dataset=dataset, preset=preset, mapping=_parse_map(map_), split=split,
-                            label_a=label_a, label_b=label_b, label_tie=label_tie, skip_invalid=skip_invalid)
-        counts = _ws().store().import_items(
-            dataset, result.kind, result.items, source=str(path), preset=preset, source_rows=result.source_rows,
-            skipped=[{"row": e.row, "reason": e.reason} for e in result.skipped],
-        )
-        for e in result.skipped:
-            typer.echo(f"skipped row {e.row}: {e.reason}", err=True)
-        typer.echo(f"{dataset}: {counts['inserted']} items imported, {counts['existing']} already present,"
-                   f" {len(result.skipped)} rows skipped ({result.kind}, {result.source_rows} source rows)")
-    _guard(body)
+    committed = False
+    try:
+        with _errors():
+            report = import_file(
+                _ws().store(), path, dataset=dataset, preset=preset, mapping=parse_mapping(map_),
+                constants=parse_constants(set_), label_majority=label_majority.split(",") if label_majority else None,
+                split=split, label_a=label_a, label_b=label_b, label_tie=label_tie, skip_invalid=skip_invalid,
+                on_conflict=on_conflict, encoding=encoding, replace=replace, force=force,
+            )
+            committed = True
+    except KeyboardInterrupt:
+        what = "the import was committed before the interrupt" if committed else \
+            f"nothing was written: dataset {dataset!r} is as it was"
+        typer.echo(f"interrupted: {what}", err=True)
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps(report, allow_nan=False))
+        return
+    for e in report["skipped_rows"]:
+        typer.echo(f"skipped row {e['row']}: {e['reason']}", err=True)
+    for line in _import_lines(report):
+        typer.echo(line)
 
 
-@app.command()
-def datasets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def _import_lines(r: dict) -> list[str]:
+    counts = r["split_counts"]
+    splits = next(iter(counts)) if len(counts) == 1 else " + ".join(f"{s} {n}" for s, n in counts.items()) or "none"
+    how = f"--split {r['split']}" if r["split"] else "no --split: the split column, else train"
+    lines = [f"{r['dataset']}: imported as {splits} ({how}): {r['inserted']} new items; {r['kind']}, preset"
+             f" {r['preset']}" + (f"; replaced {r['replaced']} earlier items" if r["replaced"] else "")]
+    if r["items_built"] == r["source_rows"] - r["skipped"]:  # one item per row: account for every row
+        lines.append(f"  {r['source_rows']} source rows = {r['inserted']} imported + {r['existing']} already present"
+                     f" + {r['duplicates']} duplicates merged + {r['conflict_dropped'] + r['kept_stored']} conflicting"
+                     f" left out + {r['skipped']} skipped")
+    else:
+        lines.append(f"  {r['source_rows']} source rows ({r['skipped']} skipped) gave {r['items_built']} items ="
+                     f" {r['inserted']} imported + {r['existing']} already present + {r['duplicates']} duplicates"
+                     f" merged + {r['conflict_dropped'] + r['kept_stored']} conflicting left out")
+    if r["duplicate_groups"]:
+        shown = ", ".join(f"row {row} (+{n})" for row, n in r["duplicate_groups"][:10])
+        lines.append(f"  duplicates merged into their first row: {shown}" + (" ..." if len(r["duplicate_groups"]) > 10 else ""))
+    if r["conflicts"]:
+        lines.append(f"  {r['conflicts']} conflict(s) in the file resolved by --on-conflict {r['on_conflict']}:"
+                     f" {r['conflict_dropped']} item(s) left out")
+    if r["kept_stored"]:
+        lines.append(f"  {r['kept_stored']} item(s) conflict with stored items; the stored ones were kept")
+    if r["empty_responses"] or r["non_text_responses"]:
+        lines.append(f"  responses: {r['empty_responses']} empty (kept), {r['non_text_responses']} numbers/booleans"
+                     " turned into text")
+    if r["majority_ties"]:
+        lines.append(f"  {r['majority_ties']} row(s) without a majority label taken as ties")
+    lines += [f"  note: {n}" for n in r["notes"]]
+    return lines
+
+
+datasets_app = typer.Typer(help="List imported datasets (no subcommand); show or delete one.")
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List imported datasets with item counts per split."""
+    if ctx.invoked_subcommand is not None:
+        return
     frame = _ws().store().datasets()
     if as_json:
         typer.echo(json.dumps({"datasets": frame.drop("created_at").to_dicts()}))
@@ -126,6 +201,94 @@ def datasets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     else:
         for r in frame.iter_rows(named=True):
             typer.echo(f"{r['name']:<24} {r['kind']:<9} {r['items']:>7} items  train {r['train']:>6}  eval {r['eval']:>6}")
+
+
+def _no_nan(v):
+    return None if isinstance(v, float) and v != v else v
+
+
+def _item_prompts(item: dict) -> dict[str, str]:
+    """The user turn of each judge prompt the item renders to (pairwise: each side's absolute, and relative)."""
+    from engine.prompts import absolute_messages, relative_messages
+
+    makers = ({"absolute": lambda: absolute_messages(item)} if item.get("kind") != "pairwise" else
+              {"absolute_a": lambda: absolute_messages(item, "response"),
+               "absolute_b": lambda: absolute_messages(item, "response_b"),
+               "relative": lambda: relative_messages(item)})
+    out = {}
+    for name, make in makers.items():
+        try:
+            out[name] = make()[-1]["content"]
+        except (KeyError, TypeError, ValueError) as e:
+            out[name] = f"(cannot render: {e})"
+    return out
+
+
+def _clip(text, n: int = 300) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[:n] + f"... [{len(text) - n} more chars]"
+
+
+_SHOWN_FIELDS = ("instruction", "input", "response", "response_b", "label", "gold_score", "gold_scores",
+                 "gold_feedback", "reference", "criteria", *(f"score{k}_description" for k in range(1, 6)), "meta")
+
+
+@datasets_app.command("show")
+def datasets_show(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    limit: Annotated[int, typer.Option(min=0, help="First N items in source order (0 = all).")] = 5,
+    split: Annotated[Optional[str], typer.Option(help="train | eval only.")] = None,
+    prompt: Annotated[bool, typer.Option("--prompt", help="Also the exact judge prompt each item renders to.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The items as stored (every non-null column), optionally with the judge prompts they render to."""
+    if split not in (None, "train", "eval"):
+        _fail(f"--split must be train or eval, got {split!r}")
+
+    def body():
+        store = _ws().store()
+        frame = store.dataset_items(name, limit=limit, split=split)
+        info = store.datasets().filter(name=name).row(0, named=True)
+        items = [{k: _no_nan(v) for k, v in r.items()} for r in frame.iter_rows(named=True)]
+        if prompt:
+            for item in items:
+                item["prompts"] = _item_prompts(item)
+        if as_json:
+            typer.echo(json.dumps({"dataset": name, "kind": info["kind"],
+                                   "counts": {"items": info["items"], "train": info["train"], "eval": info["eval"]},
+                                   "items": items}, allow_nan=False, default=str))
+            return
+        typer.echo(f"{name}: {info['kind']}, {info['items']} items (train {info['train']}, eval {info['eval']});"
+                   f" showing {len(items)}" + (f" of split {split}" if split else "") + " in source order")
+        for item in items:
+            typer.echo(f"\n--- row {item['source_row']}  item {item['item_id']}  {item['split']}  {item['kind']}")
+            for key in _SHOWN_FIELDS:
+                if item.get(key) is not None:
+                    typer.echo(f"{key}: {_clip(item[key])}")
+            for label, text in item.get("prompts", {}).items():
+                typer.echo(f"[prompt: {label}]\n{text}")
+    _guard(body)
+
+
+@datasets_app.command("rm")
+def datasets_rm(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    force: Annotated[bool, typer.Option("--force", help="Delete even while runs use it (they are kept).")] = False,
+) -> None:
+    """Delete a dataset (its items and import history). Refused while a run uses it, unless --force."""
+    def body():
+        from store.store import DatasetInUse
+
+        try:
+            res = _ws().store().delete_dataset(name, force=force)
+        except DatasetInUse as e:
+            _fail(f"dataset {name!r} is used by run(s) {', '.join(e.runs)} (their config names it or their"
+                  f" judgments are of its items); `selfrat datasets rm {name} --force` deletes it anyway")
+        typer.echo(f"deleted dataset {name!r}: {res['items']} items")
+        if res["runs"]:
+            typer.echo(f"orphaned run(s) {', '.join(res['runs'])}: {res['judgments']} judgments and"
+                       f" {res['pairs']} pairs point at deleted items (kept)")
+    _guard(body)
 
 
 # ------------------------------------------------------------------ runs
@@ -328,6 +491,19 @@ def _print_curation(r: dict, what: str) -> None:
 METHODS = ("greedy", "expected", "self-consistency", "best-of-n", "relative")
 
 
+def _strict_json(obj) -> str:
+    """JSON any parser accepts: NaN and +-inf become null (json.dumps alone writes bare NaN / Infinity)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False)
+
+
 @app.command()
 def evaluate(
     run_id: Annotated[Optional[str], typer.Option("--run", help="Evaluate an iteration of this run.")] = None,
@@ -342,25 +518,37 @@ def evaluate(
              "sample the meta-judge rates highest), relative (A/B in both orders, pairwise data). Repeat for "
              "several. The response-length baseline is always reported beside them.")] = ["greedy"],
     n: Annotated[int, typer.Option("--n", help="Samples per item for self-consistency / best-of-n.")] = 5,
-    split: Annotated[str, typer.Option(help="eval | train | all")] = "eval",
+    split: Annotated[str, typer.Option(
+        help="eval | train | all. A dataset with no items in the split is an error (exit 2).")] = "eval",
     max_items: Annotated[Optional[int], typer.Option(
-        help="First N items per dataset (per section where it has sections, e.g. RewardBench).")] = None,
+        help="The first N items of each dataset in source order (the rows of the imported file, in order), "
+             "taken per section where the data has sections (meta 'section', else 'subset'; e.g. "
+             "RewardBench): the same N always selects the same items.")] = None,
     backend: Annotated[str, typer.Option(help="transformers | vllm")] = "transformers",
     max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 256,
     force_score: Annotated[Optional[bool], typer.Option(
         "--force-score/--no-force-score", help="Close a rationale without a score with a forced one (default: "
         "on for the embedded model only).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% intervals (0 = off).")] = 1000,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=(
+        'Print one strict-JSON object on stdout: {"run_id": ID, "iteration": K, "metrics": {DATASET: '
+        '{METRIC: VALUE}}}, NaN/inf as null; nothing else goes to stdout.'))] = False,
 ) -> None:
     """Evaluate a judge: an iteration of a run, or any model on datasets (standalone) with any method.
 
     Metrics of a method other than greedy are named '<method>/<metric>' (e.g. self-consistency-mean/pearson).
+    Counts go with their rates: failures / judgments = parse_failure_rate (judgments not parsed ok), forced /
+    judgments = forced_rate (scores that had to be forced); unscored_pairs: pairs left without a score.
+
+    The evaluation is stored as a run (standalone: a new one; its id goes to stderr, and into --json).
+    Progress (done/total per batch, and an ETA) goes to stderr; the full log is in the run's run.log:
+    <workspace>/runs/<run_id>/run.log.
     """
     def body():
-        from engine.iteration import Runner, create_run
+        from engine.iteration import ProgressLines, Runner, check_split_has_items, create_run
 
         ws = _ws()
+        progress = ProgressLines()  # stderr, every mode: stdout stays clean for --json
         datasets = list(dataset)
         if suite:
             from engine.suites import suite_datasets
@@ -369,10 +557,15 @@ def evaluate(
         if run_id is not None:
             if iteration is None:
                 _fail("--run needs --iteration")
-            runner = Runner(ws, run_id, echo=not as_json)
+            runner = Runner(ws, run_id, echo=not as_json, on_progress=progress)
+            check_split_has_items(ws.store(), datasets or runner.cfg.eval_datasets, runner.cfg.eval_split,
+                                  how=f"evaluate another dataset (run {run_id} evaluates its eval_split)")
+            typer.echo(f"evaluate: run {run_id} iteration {iteration}; full log in {runner.run_dir / 'run.log'}",
+                       err=True)
             runner._install_signal_handlers()
             metrics = (runner.evaluate_datasets(iteration, datasets, max_items) if datasets
                        else runner.evaluate(iteration))
+            rid, k = run_id, iteration
         else:
             if not model or not datasets:
                 _fail("standalone evaluate needs --model and --dataset or --suite (or --run and --iteration)")
@@ -393,12 +586,14 @@ def evaluate(
                                       + ["relative"] * ("relative" in method),
                 },
             }, "evaluate options")
-            rid = create_run(ws, cfg, kind="evaluate")
-            runner = Runner(ws, rid, echo=not as_json)
+            check_split_has_items(ws.store(), datasets, cfg.eval_split)  # before anything is recorded
+            rid, k = create_run(ws, cfg, kind="evaluate"), 0
+            typer.echo(f"evaluate: run {rid}; full log in {ws.run_dir(rid) / 'run.log'}", err=True)
+            runner = Runner(ws, rid, echo=not as_json, on_progress=progress)
             runner.run_all()
             metrics = ws.store().run_status(rid)["iterations"][0]["metrics"]
         if as_json:
-            typer.echo(json.dumps(metrics))
+            typer.echo(_strict_json({"run_id": rid, "iteration": k, "metrics": metrics}))
         else:
             for name, values in metrics.items():
                 _print_metrics(name, values, indent="")

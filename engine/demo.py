@@ -22,14 +22,12 @@ def demo_data_path() -> str:
 
 def ensure_demo_dataset(ws: Workspace) -> None:
     """Import the demo dataset unless it is there already (a re-import would be a no-op anyway)."""
-    from engine.importers import read_items
+    from engine.importers import import_file
 
     store = ws.store()
     if DEMO_DATASET in store.datasets()["name"].to_list():
         return
-    result = read_items(demo_data_path(), dataset=DEMO_DATASET)
-    store.import_items(DEMO_DATASET, result.kind, result.items, source="engine/data/demo.jsonl", preset=None,
-                       source_rows=result.source_rows)
+    import_file(store, demo_data_path(), dataset=DEMO_DATASET)
 
 
 def demo_config(items: int = 32, n: int = 4, max_new_tokens: int = 96) -> dict:

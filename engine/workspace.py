@@ -1,9 +1,12 @@
-"""Where things live in a workspace: the database, the model cache, and one directory per run.
+"""Where things live in a workspace: the database and one directory per run.
 
     $SELFRAT_HOME (default ./.selfrat)
       selfrat.duckdb            the store
-      models/                   the embedded judge, rebuilt once as a plain checkpoint
       runs/<run_id>/            config.yaml, run.log, progress.jsonl, checkpoints/iter-<k>/
+
+The embedded judge is not in the workspace: its plain checkpoint is built once per machine into the user
+cache (`engine.models.cache_dir()`: $SELFRAT_CACHE, else $XDG_CACHE_HOME/selfrat, else ~/.cache/selfrat)
+and shared by every workspace.
 """
 
 from __future__ import annotations
@@ -31,10 +34,6 @@ class Workspace:
         ws = cls(Path(root) if root else default_workspace())
         ws.root.mkdir(parents=True, exist_ok=True)
         return ws
-
-    @property
-    def models_dir(self) -> Path:
-        return self.root / "models"
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id

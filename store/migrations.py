@@ -201,9 +201,20 @@ CREATE TABLE run_reports (
 );
 """
 
+# Items gain the text a task works on (`input`, the Alpaca / Self-Instruct layout) and the hash of their
+# content without gold (`content_key`: two rows with one key and two golds are a conflict); imports keep their
+# split and full report. Rows imported before M003 have no content_key and are never flagged as conflicts.
+M003_IMPORTS = """
+ALTER TABLE items ADD COLUMN input VARCHAR;
+ALTER TABLE items ADD COLUMN content_key VARCHAR;
+ALTER TABLE imports ADD COLUMN split VARCHAR;
+ALTER TABLE imports ADD COLUMN report VARCHAR;
+"""
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "core", M001_CORE),
     (2, "method", M002_METHOD),
+    (3, "imports", M003_IMPORTS),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -335,7 +335,7 @@ def pairs_page(store: Store, run_id: str, iteration: int, status: str | None = N
     """One page of the iteration's pairs (ordered by pair_id) as a human left them, and the total under
     the filter. Columns: pair_id, item_id, status, swapped, margin, note, updated_by, updated_at,
     chosen_id, rejected_id (after any swap), chosen_text, chosen_score, rejected_text, rejected_score,
-    edited_rationale, edited_score, gold_score, instruction, response, reference, criteria."""
+    edited_rationale, edited_score, gold_score, instruction, response, reference, criteria, input."""
     where, params = _pair_where(run_id, iteration, status)
     offset, limit = _page_bounds(page, page_size)
     with _session(store) as con:
@@ -349,7 +349,8 @@ def pairs_page(store: Store, run_id: str, iteration: int, status: str | None = N
         # Judgment texts for this page only, fetched by primary key (literal ids let DuckDB use its index).
         jids = page_rows["chosen_id"].to_list() + page_rows["rejected_id"].to_list()
         texts = _frame(con, f"SELECT judgment_id, text, score FROM judgments WHERE judgment_id IN ({_id_list(jids)})")
-        item_rows = _frame(con, "SELECT item_id, gold_score, instruction, response, reference, criteria FROM items"
+        item_rows = _frame(con, "SELECT item_id, gold_score, instruction, response, reference, criteria, input"
+                                " FROM items"
                                 f" WHERE item_id IN ({_id_list(page_rows['item_id'].to_list())})")
     chosen = texts.rename({"judgment_id": "chosen_id", "text": "chosen_text", "score": "chosen_score"})
     rejected = texts.rename({"judgment_id": "rejected_id", "text": "rejected_text", "score": "rejected_score"})
@@ -358,7 +359,7 @@ def pairs_page(store: Store, run_id: str, iteration: int, status: str | None = N
     columns = ["pair_id", "item_id", "status", "swapped", "margin", "note", "updated_by", "updated_at",
                "chosen_id", "rejected_id", "chosen_text", "chosen_score", "rejected_text", "rejected_score",
                "edited_rationale", "edited_score", "gold_score", "instruction", "response", "reference",
-               "criteria"]
+               "criteria", "input"]
     return out.select(columns), total
 
 

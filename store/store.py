@@ -23,6 +23,7 @@ from store.db import DEFAULT_TIMEOUT_S, connect, transaction
 from store.migrations import migrate
 
 DB_FILE = "selfrat.duckdb"
+IMPORT_MEMORY_LIMIT = "768MB"
 STAGES = ("sample", "curate", "train", "evaluate")
 PAIR_STATUSES = ("auto", "accepted", "rejected", "swapped", "edited")
 TRAINABLE_STATUSES = ("auto", "accepted", "swapped", "edited")
@@ -42,16 +43,26 @@ BREAKDOWN_COLUMNS = ["group_by", "group_value", "metric", "value"]
 PAIR_COLUMNS = [
     "pair_id", "run_id", "iteration", "item_id", "chosen_id", "rejected_id", "strategy", "params", "margin",
 ]
+# The one definition of an item's columns (the importers build frames of exactly these).
 ITEM_COLUMNS = [
-    "item_id", "content_hash", "dataset", "split", "kind", "instruction", "response", "response_b", "label",
-    "reference", "criteria", "score1_description", "score2_description", "score3_description",
-    "score4_description", "score5_description", "gold_score", "gold_scores", "gold_feedback", "source_row",
-    "meta",
+    "item_id", "content_hash", "content_key", "dataset", "split", "kind", "instruction", "input", "response",
+    "response_b", "label", "reference", "criteria", "score1_description", "score2_description",
+    "score3_description", "score4_description", "score5_description", "gold_score", "gold_scores",
+    "gold_feedback", "source_row", "meta",
 ]
+RUBRIC_KEYS = ("criteria", *(f"score{k}_description" for k in range(1, 6)))
 
 
 class StoreError(ValueError):
     """A request the store refuses (unknown run, dataset kind clash, bad pair action)."""
+
+
+class DatasetInUse(StoreError):
+    """`delete_dataset` refused: runs name the dataset in their config or have judgments of its items."""
+
+    def __init__(self, dataset: str, runs: list[str], message: str | None = None):
+        self.dataset, self.runs = dataset, runs
+        super().__init__(message or f"dataset {dataset!r} is used by run(s) {', '.join(runs)}")
 
 
 def judgment_id(run_id: str, iteration: int, purpose: str, item_id: int, side: str, sample_index: int) -> int:
@@ -112,32 +123,89 @@ class Store:
     # ------------------------------------------------------------------ writing: datasets and items
 
     def import_items(
-        self, dataset: str, kind: str, items: pl.DataFrame, *, source: str, preset: str | None,
-        source_rows: int, skipped: Sequence[dict] = (),
+        self, dataset: str, kind: str, items: pl.DataFrame | Iterable[pl.DataFrame], *, source: str,
+        preset: str | None, source_rows: int, skipped: Sequence[dict] = (), replace: bool = False,
+        force: bool = False, keep_stored_on_conflict: bool = False, split: str | None = None,
+        report: dict | None = None,
     ) -> dict[str, int]:
-        """Insert items of one dataset (all or nothing); items already present are left alone."""
-        frame = items.select(ITEM_COLUMNS)
+        """Write the items of one import (a frame, or batches of frames) in one transaction: all or nothing.
+
+        Items already stored (same item_id) are left alone and counted as `existing`. Refused (StoreError,
+        nothing written): items stored under another split; items whose content is stored with another
+        gold or label (same content_key) unless `keep_stored_on_conflict` (then the stored item stays, and
+        the new one is counted in `kept_stored`); items of the other kind. `replace` swaps the dataset's
+        items for these (the way to move splits or correct labels), refused while runs use the dataset
+        unless `force` (DatasetInUse)."""
+        frames = [items] if isinstance(items, pl.DataFrame) else items
+        users = self.runs_using_dataset(dataset) if replace and self._has_dataset(dataset) else []
+        if users and not force:
+            raise DatasetInUse(dataset, users, (
+                f"dataset {dataset!r} is used by run(s) {', '.join(users)}: replacing its items would leave their "
+                "judgments pointing at items that are gone; nothing imported. --force replaces anyway"))
+        cols = ", ".join(ITEM_COLUMNS)
         with self._tx() as con:
+            # A large import is one transaction: cap DuckDB's memory so it spills to disk instead of growing.
+            con.execute(f"SET memory_limit = '{IMPORT_MEMORY_LIMIT}'")
             row = _first(con.execute("SELECT kind FROM datasets WHERE name = ?", [dataset]))
-            if row and row[0] != kind:
-                raise StoreError(f"dataset {dataset!r} holds {row[0]} items; cannot add {kind} items to it")
-            if not row:
+            replaced = kept = total = 0
+            if row and replace:
+                replaced = _first(con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]))[0]
+                con.execute("DELETE FROM items WHERE dataset = ?", [dataset])
+                con.execute("UPDATE datasets SET kind = ? WHERE name = ?", [kind, dataset])
+            elif row and row[0] != kind:
+                raise StoreError(f"dataset {dataset!r} holds {row[0]} items; cannot add {kind} items to it "
+                                 "(--replace replaces its items)")
+            elif not row:
                 con.execute("INSERT INTO datasets (name, kind) VALUES (?, ?)", [dataset, kind])
             before = _first(con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]))[0]
-            con.register("new_items", frame.to_arrow())
-            cols = ", ".join(ITEM_COLUMNS)
-            con.execute(f"INSERT OR IGNORE INTO items ({cols}) SELECT {cols} FROM new_items")
-            con.unregister("new_items")
-            after = _first(con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]))[0]
-            inserted = after - before
-            import_id = f"{dataset}/{_now().isoformat()}"
+            for frame in frames:
+                # Batch by batch, checked against what was stored before: the importer has already resolved
+                # duplicates and conflicts inside the file, so no batch can clash with an earlier one.
+                con.register("new_items", frame.select(ITEM_COLUMNS).to_arrow())
+                total += frame.height
+                if row and not replace:
+                    _refuse_split_moves(con, dataset)
+                    kept += _stored_conflicts(con, dataset, keep_stored_on_conflict)
+                con.execute(f"INSERT OR IGNORE INTO items ({cols}) SELECT {cols} FROM new_items"
+                            + (" WHERE item_id NOT IN (SELECT item_id FROM dropped)" if kept else ""))
+                con.unregister("new_items")
+            inserted = _first(con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]))[0] - before
+            counts = {"inserted": inserted, "existing": total - kept - inserted, "replaced": replaced,
+                      "kept_stored": kept}
             con.execute(
-                "INSERT INTO imports (import_id, dataset, source, preset, source_rows, inserted, existing, skipped)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [import_id, dataset, source, preset, source_rows, inserted, frame.height - inserted,
-                 json.dumps(list(skipped))],
+                "INSERT INTO imports (import_id, dataset, source, preset, source_rows, inserted, existing, skipped,"
+                " split, report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [f"{dataset}/{_now().isoformat()}", dataset, source, preset, source_rows, inserted,
+                 counts["existing"], json.dumps(list(skipped)[:1000]), split,
+                 json.dumps({**(report or {}), **counts}, default=str)],
             )
-        return {"inserted": inserted, "existing": frame.height - inserted}
+        return counts
+
+    def _has_dataset(self, name: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM datasets WHERE name = ?", [name]))
+
+    def delete_dataset(self, name: str, force: bool = False) -> dict:
+        """Delete a dataset: its items, its imports history and its datasets row, in one transaction.
+
+        Refused (`DatasetInUse`) while a run uses it (`runs_using_dataset`) unless `force`; runs, judgments
+        and pairs are never deleted, so with `force` they are left pointing at items that are gone. Returns
+        {dataset, items (deleted), runs (orphaned ids), judgments, pairs (pointing at deleted items)}."""
+        with self._tx() as con:
+            if not _first(con.execute("SELECT 1 FROM datasets WHERE name = ?", [name])):
+                known = ", ".join(r[0] for r in con.execute("SELECT name FROM datasets ORDER BY name").fetchall())
+                raise StoreError(f"no dataset {name!r} in this workspace (imported: {known or 'none'})")
+            runs = _runs_using_dataset(con, name)
+            if runs and not force:
+                raise DatasetInUse(name, runs)
+            in_items = "item_id IN (SELECT item_id FROM items WHERE dataset = ?)"
+            judgments = _first(con.execute(f"SELECT count(*) FROM judgments WHERE {in_items}", [name]))[0]
+            pairs = _first(con.execute(f"SELECT count(*) FROM pairs WHERE {in_items}", [name]))[0]
+            items = _first(con.execute("SELECT count(*) FROM items WHERE dataset = ?", [name]))[0]
+            con.execute("DELETE FROM items WHERE dataset = ?", [name])
+            con.execute("DELETE FROM imports WHERE dataset = ?", [name])
+            con.execute("DELETE FROM datasets WHERE name = ?", [name])
+        return {"dataset": name, "items": int(items), "runs": runs, "judgments": int(judgments),
+                "pairs": int(pairs)}
 
     # ------------------------------------------------------------------ writing: runs and iterations
 
@@ -369,6 +437,25 @@ class Store:
             " FROM datasets d LEFT JOIN items i ON i.dataset = d.name GROUP BY ALL ORDER BY d.name"
         )
 
+    def dataset_items(self, name: str, limit: int | None = 5, split: str | None = None) -> pl.DataFrame:
+        """The first `limit` items of a dataset as stored (every item column), in source order
+        (source_row, then item_id); `split` train | eval narrows it; limit None or 0 = all."""
+        self.dataset_kind(name)
+        sql, params = f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE dataset = ?", [name]
+        if split and split != "all":
+            sql += " AND split = ?"
+            params.append(split)
+        sql += " ORDER BY source_row NULLS LAST, item_id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return self._read(sql, params)
+
+    def runs_using_dataset(self, name: str) -> list[str]:
+        """Sorted ids of the runs that use a dataset: their config names it (train_dataset, eval_datasets,
+        seed.sft.dataset) or any of their judgments is of one of its items."""
+        with connect(self.path, self.timeout_s) as con:
+            return _runs_using_dataset(con, name)
+
     def dataset_kind(self, name: str) -> str:
         rows = self._rows("SELECT kind FROM datasets WHERE name = ?", [name])
         if not rows:
@@ -377,10 +464,12 @@ class Store:
         return rows[0]["kind"]
 
     def items(self, dataset: str, split: str | None = None, limit: int | None = None) -> pl.DataFrame:
-        """Items of a dataset in a stable order (by item_id), optionally one split and the first `limit`.
+        """Items of a dataset, returned in a stable order (by item_id), optionally one split and a `limit`.
 
-        Data with sections (RewardBench's meta "section") is capped per section, so a capped evaluation still
-        covers every section and the mean of sections stays meaningful."""
+        `limit` N keeps the first N items in source order (source_row, the row number in the imported file,
+        then item_id), per section where the data has sections: meta "section" (RewardBench), else meta
+        "subset"; items with neither form one group. So a capped evaluation still covers every section and the
+        mean of sections stays meaningful, and the same N always selects the same items."""
         self.dataset_kind(dataset)
         sql = f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE dataset = ?"
         params: list[Any] = [dataset]
@@ -388,8 +477,9 @@ class Store:
             sql += " AND split = ?"
             params.append(split)
         if limit:
-            sql += (" QUALIFY row_number() OVER (PARTITION BY json_extract_string(meta, '$.section')"
-                    f" ORDER BY item_id) <= {int(limit)}")
+            sql += (" QUALIFY row_number() OVER (PARTITION BY coalesce(json_extract_string(meta, '$.section'),"
+                    " json_extract_string(meta, '$.subset')) ORDER BY source_row NULLS LAST, item_id)"
+                    f" <= {int(limit)}")
         return self._read(sql + " ORDER BY item_id", params)
 
     def run(self, run_id: str) -> dict:
@@ -489,14 +579,15 @@ class Store:
 
     def overlapping_items(self, dataset: str, split: str | None, against: Sequence[str],
                           against_split: str | None) -> pl.DataFrame:
-        """Items of `dataset` whose instruction + response (case and whitespace folded) also occur in one of
+        """Items of `dataset` whose instruction (+ input) + response (case and whitespace folded) also occur in one of
         the `against` datasets (as response or response_b): item_id, source_row, other_dataset, other_item_id.
         The contamination check of a run: such items must never be trained on."""
         if not against:
             return pl.DataFrame(schema={"item_id": pl.Int64, "source_row": pl.Int64, "other_dataset": pl.String,
                                         "other_item_id": pl.Int64})
-        norm = "md5(regexp_replace(lower(trim({i})), '\\s+', ' ', 'g') || chr(31) || "\
-               "regexp_replace(lower(trim({r})), '\\s+', ' ', 'g'))"
+        # The instruction includes the item's input (an empty input adds nothing, so old hashes hold).
+        norm = "md5(regexp_replace(lower(trim({i} || coalesce(chr(10) || input, ''))), '\\s+', ' ', 'g')"\
+               " || chr(31) || regexp_replace(lower(trim({r})), '\\s+', ' ', 'g'))"
         names = ", ".join("?" for _ in against)
         split_sql = "" if split is None else " AND t.split = ?"
         other_split_sql = "" if against_split is None else " AND o.split = ?"
@@ -596,6 +687,25 @@ class Store:
         return {"runs": [self.run_status(r) for r in self.runs()["run_id"].to_list()]}
 
 
+def _config_datasets(config: dict) -> set[str]:
+    """The dataset names a stored run config refers to."""
+    names = {config.get("train_dataset")} | set(config.get("eval_datasets") or [])
+    for key in ("seed", "start"):
+        sft = (config.get(key) or {}).get("sft") if isinstance(config.get(key), dict) else None
+        if isinstance(sft, dict):
+            names.add(sft.get("dataset"))
+    return {n for n in names if isinstance(n, str)}
+
+
+def _runs_using_dataset(con, name: str) -> list[str]:
+    runs = {run_id for run_id, config in con.execute("SELECT run_id, config FROM runs").fetchall()
+            if name in _config_datasets(json.loads(config or "{}"))}
+    runs |= {r[0] for r in con.execute(
+        "SELECT DISTINCT run_id FROM judgments WHERE item_id IN (SELECT item_id FROM items WHERE dataset = ?)",
+        [name]).fetchall()}
+    return sorted(runs)
+
+
 def _curation_inputs(con, run_id: str, iteration: int, dataset: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Numbers only, so 1M judgments read in a blink: text_hash stands in for the text (dedupe; NULL when
     there is no text) and rationale_len (characters) for the rationale (the length-bias report)."""
@@ -633,3 +743,35 @@ def _save_pairs(con, run_id: str, iteration: int, pairs: pl.DataFrame, report: d
 
 def default_who() -> str:
     return os.environ.get("SELFRAT_USER") or os.environ.get("USER") or "unknown"
+
+
+def _refuse_split_moves(con, dataset: str) -> None:
+    moved = con.execute(
+        "SELECT count(*), any_value(i.split), any_value(n.split), min(n.source_row) FROM new_items n"
+        " JOIN items i USING (item_id) WHERE i.split <> n.split").fetchone()
+    if moved[0]:
+        raise StoreError(
+            f"{moved[0]} item(s) are already in dataset {dataset!r} as {moved[1]} and this import gives them as"
+            f" {moved[2]} (first at row {moved[3]}); nothing imported. --replace replaces the dataset's items"
+            f" with this file's (moving them to {moved[2]}), or import with --split {moved[1]}")
+
+
+def _stored_conflicts(con, dataset: str, keep_stored: bool) -> int:
+    """New items whose content is stored with another gold/label: refused, or dropped in favour of the stored."""
+    sql = ("FROM new_items n JOIN items i ON i.dataset = ? AND i.content_key = n.content_key"
+           " AND i.item_id <> n.item_id")
+    rows = con.execute(
+        f"SELECT n.source_row, coalesce(i.label, CAST(i.gold_score AS VARCHAR)),"
+        f" coalesce(n.label, CAST(n.gold_score AS VARCHAR)) {sql} ORDER BY n.source_row", [dataset]).fetchall()
+    if not rows:
+        return 0
+    if keep_stored:
+        con.execute("CREATE TEMP TABLE IF NOT EXISTS dropped (item_id BIGINT)")
+        con.execute(f"INSERT INTO dropped SELECT n.item_id {sql}", [dataset])
+        return len(rows)
+    shown = "; ".join(f"row {r}: stored {a}, file {b}" for r, a, b in rows[:5]) + (" ..." if len(rows) > 5 else "")
+    raise StoreError(
+        f"{len(rows)} item(s) of this import are already in dataset {dataset!r} with another gold score or"
+        f" label ({shown}); nothing imported. --replace replaces the dataset's items with this file's (a"
+        " corrected file), --on-conflict first keeps the stored ones")
+

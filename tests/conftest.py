@@ -68,6 +68,14 @@ def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _user_cache(request, monkeypatch, tmp_path_factory) -> None:
+    """Fast tests never write to the real user cache (~/.cache/selfrat): SELFRAT_CACHE points at one tmp dir
+    for the session. Slow tests keep the real cache, so the embedded judge is built once per machine."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("SELFRAT_CACHE", str(tmp_path_factory.getbasetemp() / "selfrat_cache"))
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> Path:
     ws = tmp_path / "ws"

@@ -23,7 +23,7 @@ from engine import jobs
 from engine.config import CurationConfig, RunConfig
 from engine.curation import curate
 from engine.demo import demo_data_path
-from engine.importers import read_items
+from engine.importers import import_file
 from store import Store, judgment_id
 
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
@@ -53,9 +53,8 @@ def build_workspace(ws: Path, tmp_path: Path) -> Store:
     subset = [r for r in rows if r["split"] == "train"][:TRAIN_ITEMS] + [r for r in rows if r["split"] == "eval"][:5]
     src = tmp_path / "items.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in subset))
-    result = read_items(str(src), dataset="demo")
     store = Store.in_workspace(ws)
-    store.import_items("demo", result.kind, result.items, source=str(src), preset=None, source_rows=len(subset))
+    import_file(store, str(src), dataset="demo")
     items = store.items("demo")
     train = items.filter(items["split"] == "train").select("item_id", "gold_score").rows()
     evals = items.filter(items["split"] == "eval").select("item_id", "gold_score").rows()
@@ -248,6 +247,25 @@ def test_compare_page_shows_deltas_drift_and_a_rationale_diff(ws):
     assert any("iteration 0" in h.proto.body and "diff" in h.proto.body for h in at.get("html"))
     at.selectbox(key="compare_purpose").select("train").run()  # train judgments exist at 2 but not at 0
     assert "No item has train judgments in both iterations." in texts(at)
+
+
+def test_an_items_input_shows_under_the_instruction_only_when_it_has_one(ws):
+    at = app("judgments")
+    assert "Instruction" in texts(at) and "**Input**" not in [m.value for m in at.markdown]  # demo: no input
+    time.sleep(0.01)
+    with Store.in_workspace(ws)._tx() as con:
+        con.execute("UPDATE items SET input = 'The input of item ' || item_id::VARCHAR")
+    at.run()
+    item_id = at.selectbox(key="j_item").value
+    assert "**Input**" in [m.value for m in at.markdown] and f"The input of item {item_id}" in texts(at)
+
+    at = app("pairs")
+    pair_item = Store.in_workspace(ws).pairs(RUN, 2)["item_id"][0]
+    assert "**Input**" in [m.value for m in at.markdown] and f"The input of item {pair_item}" in texts(at)
+
+    at = app("compare")
+    picked = at.selectbox(key="compare_item").value[0]
+    assert "**Input**" in [m.value for m in at.markdown] and f"The input of item {picked}" in texts(at)
 
 
 # ------------------------------------------------------------------ pairs: every action persists

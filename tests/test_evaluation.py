@@ -249,6 +249,34 @@ def test_pairwise_sections_fall_back_to_subset_then_one_section_and_bad_label_na
         evaluate_judgments(items.with_columns(label=pl.Series(["A", "b", "A", "A", "A", "A"])), judgments)
 
 
+def test_failure_counts_agree_with_the_rates_when_scores_are_forced():
+    # Under force_score every side gets a score: no pair lacks one, yet no judgment parsed. The counts must
+    # say so (failures = judgments not parsed ok), not "failures: 0" beside parse_failure_rate 1.0.
+    items, judgments = pairwise_case()
+    forced = judgments.with_columns(parse_status=pl.lit("no_score"), forced=pl.lit(True))
+    m = evaluate_judgments(items, forced, bootstrap=0).metrics
+    assert m["judgments"] == 12 and m["failures"] == 12 and m["parse_failure_rate"] == 1.0
+    assert m["forced"] == 12 and m["forced_rate"] == 1.0
+    assert m["unscored_pairs"] == 0  # pairs without a score on a side: none, they were forced
+    # Half forced, one side never scored: each count matches its rate; unscored pairs are counted apart.
+    some = forced.with_columns(
+        parse_status=pl.when(pl.col("item_id") <= 3).then(pl.lit("ok")).otherwise(pl.lit("truncated")),
+        forced=pl.col("item_id") > 3,
+        score=pl.when((pl.col("item_id") == 6) & (pl.col("side") == "b")).then(None).otherwise(pl.col("score")))
+    some = some.with_columns(forced=pl.col("forced") & pl.col("score").is_not_null())
+    m = evaluate_judgments(items, some, bootstrap=0).metrics
+    assert (m["judgments"], m["failures"], m["forced"], m["unscored_pairs"]) == (12, 6, 5, 1)
+    assert m["parse_failure_rate"] == m["failures"] / m["judgments"] == 0.5
+    assert m["forced_rate"] == pytest.approx(5 / 12)
+    # Absolute data: the same counts, over every sample.
+    items = items_frame([{"gold_score": 1.0}, {"gold_score": 5.0}])
+    judgments = judgments_frame({(1, "a"): [1, None], (2, "a"): [3]}).with_columns(
+        forced=pl.Series([False, False, True]), parse_status=pl.Series(["ok", "no_score", "no_score"]))
+    m = evaluate_judgments(items, judgments, bootstrap=0).metrics
+    assert (m["judgments"], m["failures"], m["forced"]) == (3, 2, 1)
+    assert m["parse_failure_rate"] == pytest.approx(2 / 3) and m["forced_rate"] == pytest.approx(1 / 3)
+
+
 def test_breakdowns_round_trip_through_the_store(tmp_path):
     items, judgments = pairwise_case()
     result = evaluate_judgments(items, judgments, bootstrap=0)

@@ -54,21 +54,26 @@ def _check_frame(res: ImportResult) -> None:
 
 # CIA: 250 prompts x 5 responses, but some response cells are empty in the source (19 in remaining, 8 in
 # biggen, including biggen row 190 with none at all). Those slots are left out with a note.
-CIA_FILES = [("scored_responses_testset_remaining.tsv", 19), ("scored_responses_testset_biggen.tsv", 8)]
+# Some prompts repeat one response text under several scores (remaining: 6 prompts, 14 items; biggen: 5, 10):
+# the same content with different gold, a conflict that is refused unless --on-conflict says what to keep.
+CIA_FILES = [("scored_responses_testset_remaining.tsv", 19, 6, 14), ("scored_responses_testset_biggen.tsv", 8, 5, 10)]
 
 
-@pytest.mark.parametrize(("name", "empty_slots"), CIA_FILES)
-def test_cia_expands_each_row_into_five_graded_items(shared_data, name, empty_slots):
+@pytest.mark.parametrize(("name", "empty_slots", "conflicts", "conflict_items"), CIA_FILES)
+def test_cia_expands_each_row_into_five_graded_items(shared_data, name, empty_slots, conflicts, conflict_items):
     path = shared_data / "cia" / name
-    res = read_items(str(path), dataset="cia")
+    with pytest.raises(ImportFailed, match=f"{conflicts} conflict"):
+        read_items(str(path), dataset="cia")
+    res = read_items(str(path), dataset="cia", on_conflict="drop")
     _check_frame(res)
     assert (res.preset, res.kind, res.source_rows) == ("cia", "absolute", 250)
-    assert res.items.height == 1250 - empty_slots
+    assert len(res.conflicts) == conflicts and res.conflict_dropped == conflict_items
+    assert res.items.height == 1250 - empty_slots - conflict_items == res.split_counts["train"]
     assert any(f"{empty_slots} empty response slot" in n for n in res.notes)
-    # Balanced gold scores: 250 of each, less the empty slots.
+    # Balanced gold scores: 250 of each, less the empty slots and the conflicting items.
     counts = dict(res.items.group_by("gold_score").len().iter_rows())
     assert set(counts) == {1.0, 2.0, 3.0, 4.0, 5.0}
-    assert sum(250 - n for n in counts.values()) == empty_slots
+    assert sum(250 - n for n in counts.values()) == empty_slots + conflict_items
     # Each source row gives distinct gold scores with one rubric, instruction and reference.
     per_row = res.items.group_by("source_row").agg(
         pl.col("gold_score").n_unique().alias("scores"), pl.len().alias("n"),
@@ -99,8 +104,8 @@ def test_cia_expands_each_row_into_five_graded_items(shared_data, name, empty_sl
 
 def test_cia_preset_given_or_detected_gives_same_ids(shared_data):
     path = str(shared_data / "cia" / "scored_responses_testset_biggen.tsv")
-    a = read_items(path, dataset="cia-biggen")
-    b = read_items(path, dataset="cia-biggen", preset="cia", split="eval")
+    a = read_items(path, dataset="cia-biggen", on_conflict="first")
+    b = read_items(path, dataset="cia-biggen", preset="cia", split="eval", on_conflict="first")
     assert a.items["item_id"].to_list() == b.items["item_id"].to_list()
     assert b.items["split"].unique().to_list() == ["eval"]
 
@@ -364,7 +369,8 @@ def test_duplicates_keep_first_with_a_note(tmp_path):
     res = read_items(str(tmp_path / "dup.csv"), dataset="d")
     assert res.items.height == 3 and res.source_rows == 4
     assert res.items["source_row"].to_list() == [1, 2, 3]
-    assert any("1 duplicate item" in n for n in res.notes)
+    assert res.duplicates == 1 and res.duplicate_groups == [(1, 1)]  # row 4 merged into row 1
+    assert any("1 duplicate item(s) merged" in n and "row 1 (+1)" in n for n in res.notes)
     assert res.skipped == []
 
 
@@ -438,12 +444,11 @@ def test_bad_scores_report_row_numbers():
     with pytest.raises(ImportFailed) as exc:
         read_items(str(FIXTURES / "bad_scores.csv"), dataset="d")
     errors = exc.value.errors
-    assert [e.row for e in errors] == [2, 4, 5]
+    assert [e.row for e in errors] == [2, 4]  # row 5's empty response is kept: a judge can rate an empty answer
     assert errors[0] == RowError(2, "gold score 'x' is not a number")
     assert errors[1].reason == "gold score '7' is outside 1..5"
-    assert errors[2].reason == "response is empty"
     msg = str(exc.value)
-    assert "3 of 5 row(s) invalid, nothing imported" in msg and "row 2: gold score 'x' is not a number" in msg
+    assert "2 of 5 row(s) invalid, nothing imported" in msg and "row 2: gold score 'x' is not a number" in msg
 
 
 def test_bad_json_lines_report_line_numbers():
@@ -458,9 +463,10 @@ def test_bad_json_lines_report_line_numbers():
 def test_skip_invalid_returns_valid_rows_and_lists_skipped():
     res = read_items(str(FIXTURES / "bad_scores.csv"), dataset="d", skip_invalid=True)
     _check_frame(res)
-    assert res.items["source_row"].to_list() == [1, 3]
-    assert res.items["reference"].to_list() == [None, "1, 2, 3"]
-    assert [e.row for e in res.skipped] == [2, 4, 5] and res.source_rows == 5
+    assert res.items["source_row"].to_list() == [1, 3, 5]
+    assert res.items["reference"].to_list() == [None, "1, 2, 3", None]
+    assert res.items["response"][2] == "" and res.empty_responses == 1
+    assert [e.row for e in res.skipped] == [2, 4] and res.source_rows == 5
     lines = read_items(str(FIXTURES / "bad_lines.jsonl"), dataset="d", skip_invalid=True)
     assert lines.items["source_row"].to_list() == [1, 5] and [e.row for e in lines.skipped] == [2, 4]
     assert lines.source_rows == 4  # non-blank lines

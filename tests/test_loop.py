@@ -191,13 +191,82 @@ def test_import_reports_bad_rows_and_is_idempotent(tmp_path):
     assert listing["datasets"][0]["items"] == 1
 
 
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity (what a strict parser, e.g. jq or JavaScript, would refuse)."""
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_standalone_evaluate_prints_metrics(loaded_ws, tiny_model_dir):
     res = cli(loaded_ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--dataset", "chat",
               "--max-items", "4", "--max-new-tokens", "8", "--json")
-    metrics = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("{")))
+    out = strict_json(res.stdout)  # the whole of stdout: one strict object, progress went to stderr
+    assert set(out) == {"run_id", "iteration", "metrics"} and out["iteration"] == 0
+    metrics = out["metrics"]
     assert metrics["demo"]["n"] == 4 and metrics["chat"]["n"] == 4
     assert "pearson" in metrics["demo"] and "accuracy" in metrics["chat"]
     runs = json.loads(cli(loaded_ws, "status", "--json").output)["runs"]
     assert [r["kind"] for r in runs] == ["evaluate"]  # kept in the store like any run
+    assert [r["id"] for r in runs] == [out["run_id"]]  # ... under the id the output names
     res = cli(loaded_ws, "evaluate", "--model", "no/such/dir/../x", "--dataset", "demo", ok=False)
     assert res.exit_code == 2
+
+
+def test_evaluate_json_is_strict_counts_agree_and_progress_goes_to_stderr(loaded_ws, tiny_model_dir):
+    res = cli(loaded_ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--max-items", "3",
+              "--max-new-tokens", "8", "--no-force-score", "--bootstrap", "0", "--json")
+    assert "NaN" not in res.stdout
+    out = strict_json(res.stdout)
+    demo = out["metrics"]["demo"]
+    assert demo["pearson"] is None  # a random model parses nothing: NaN comes out as null
+    assert demo["failures"] == demo["judgments"] * demo["parse_failure_rate"] == 3  # counts agree with rates
+    assert demo["n_scored"] == 0 and demo["forced"] == 0
+    run_log = loaded_ws / "runs" / out["run_id"] / "run.log"
+    assert run_log.is_file() and f"full log in {run_log}" in res.stderr
+    assert "[iter 0] evaluate demo (eval): 3/3 done" in res.stderr  # progress: stderr, not stdout
+    # Without --json (and through --run): metrics on stdout, progress on stderr all the same. Nothing parsed
+    # and nothing was forced: 4 failed judgments (2 sides x 2 items) leave both pairs without a score.
+    res = cli(loaded_ws, "evaluate", "--run", out["run_id"], "--iteration", "0", "--dataset", "chat",
+              "--max-items", "2")
+    assert "[iter 0] evaluate chat (eval): 4/4 done" in res.stderr and "4/4 done" not in res.stdout
+    assert "chat: accuracy=" in res.stdout and "parse_failure_rate=1.000" in res.stdout
+    chat = Store.in_workspace(loaded_ws).run_status(out["run_id"])["iterations"][0]["metrics"]["chat"]
+    assert chat["failures"] == chat["judgments"] == 4 and chat["unscored_pairs"] == 2
+
+
+def test_evaluate_on_an_empty_split_exits_2_and_records_nothing(tmp_path, tiny_model_dir):
+    ws = tmp_path / "ws"
+    cli(ws, "import", demo_data_path(), "--dataset", "mine", "--split", "train")
+    held = Store.in_workspace(ws).datasets().row(0, named=True)["train"]
+    for extra in ([], ["--json"]):
+        res = cli(ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "mine", *extra, ok=False)
+        assert res.exit_code == 2 and res.stdout == ""
+        assert res.stderr.strip() == (f"error: dataset mine has no eval items (it holds {held} train items); "
+                                      "import with --split eval, or pass --split train")
+    assert Store.in_workspace(ws).runs().height == 0 and not (ws / "runs").exists()
+    res = cli(ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "mine", "--split", "train",
+              "--max-items", "2", "--max-new-tokens", "8", "--bootstrap", "0", "--json")
+    assert strict_json(res.stdout)["metrics"]["mine"]["n"] == 2
+
+
+def test_progress_lines_report_done_total_and_eta(monkeypatch):
+    import io
+
+    from engine import iteration
+
+    clock = iter([100.0, 110.0, 130.0, 140.0, 200.0])
+    monkeypatch.setattr(iteration.time, "monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    progress = iteration.ProgressLines(stream)
+    progress(0, "evaluate", 0, 30, dataset="demo", method="eval")
+    progress(0, "evaluate", 0, 30, dataset="demo", method="eval")  # the same record again: no new line
+    progress(0, "evaluate", 10, 30, dataset="demo", method="eval")
+    progress(0, "evaluate", 30, 30, dataset="demo", method="eval")
+    progress(0, "evaluate", 4, 8, method="meta-judge")
+    assert stream.getvalue().splitlines() == [
+        "[iter 0] evaluate demo (eval): 0/30 done",
+        "[iter 0] evaluate demo (eval): 10/30 done, 10s elapsed, ETA 20s",
+        "[iter 0] evaluate demo (eval): 30/30 done, 30s elapsed",
+        "[iter 0] evaluate (meta-judge): 4/8 done",
+    ]

@@ -202,7 +202,7 @@ def test_relative_mode_in_runs_exposes_position_bias(ws, shared_data, tiny_model
 def test_standalone_evaluate_method_self_consistency(ws, tiny_model_dir):
     res = cli(ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--method", "self-consistency",
               "--n", "2", "--max-items", "3", "--max-new-tokens", "8", "--bootstrap", "0", "--json")
-    metrics = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("{")))["demo"]
+    metrics = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("{")))["metrics"]["demo"]
     assert metrics["self-consistency-mean/n"] == 3 and "self-consistency-majority/exact" in metrics
     assert "pearson" not in metrics  # no greedy pass was asked for
     bad = cli(ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--method", "vibes", ok=False)

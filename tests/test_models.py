@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import engine.models as models
 from engine.models import (
     EMBEDDED_DIRNAME,
     MARKER_FILE,
     ModelSpecError,
+    cache_dir,
     default_dtype,
     embedded_gguf,
     ensure_embedded_checkpoint,
@@ -83,12 +88,120 @@ def test_load_model_and_tokenizer(tiny_model_dir):
     assert tok.pad_token is not None and tok.padding_side == "left"
 
 
+def test_cache_dir_follows_selfrat_cache_then_xdg_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFRAT_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("SELFRAT_CACHE")
+    assert cache_dir() == tmp_path / "xdg" / "selfrat"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "selfrat"
+
+
+def test_fast_tests_never_touch_the_real_user_cache():
+    # conftest points SELFRAT_CACHE at a session tmp dir for every test not marked slow.
+    assert Path.home() / ".cache" not in cache_dir().parents
+
+
+def _fake_builder(calls: list, delay: float = 0.0):
+    """Stands in for the 30 s dequantisation: writes what `_is_built` looks for, counting its calls."""
+    def build(out: Path) -> None:
+        calls.append(out)
+        time.sleep(delay)
+        (out / "config.json").write_text("{}")
+        (out / MARKER_FILE).write_text(json.dumps({"source": "fake"}))
+    return build
+
+
+def test_embedded_resolves_to_one_shared_cache_for_every_workspace(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(models, "_build_embedded", _fake_builder(calls))
+    monkeypatch.setenv("SELFRAT_CACHE", str(tmp_path / "cache"))
+    first = resolve_model("embedded", tmp_path / "ws1")
+    second = resolve_model("embedded", tmp_path / "ws2")
+    assert first == second == str(tmp_path / "cache" / EMBEDDED_DIRNAME)
+    assert len(calls) == 1  # built once, reused by the second workspace
+    assert not (tmp_path / "ws1").exists() and not (tmp_path / "ws2").exists()  # nothing in the workspaces
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [EMBEDDED_DIRNAME]
+
+
+def test_concurrent_first_use_builds_once_and_others_wait(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(models, "_build_embedded", _fake_builder(calls, delay=0.5))
+    monkeypatch.setenv("SELFRAT_CACHE", str(tmp_path / "cache"))
+    start = threading.Barrier(4)
+    results, errors = [], []
+
+    def first_use():
+        try:
+            start.wait()
+            results.append(resolve_model("embedded", tmp_path / f"ws-{threading.get_ident()}"))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=first_use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    assert len(calls) == 1 and len(results) == 4
+    assert set(results) == {str(tmp_path / "cache" / EMBEDDED_DIRNAME)}
+    leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != EMBEDDED_DIRNAME]
+    assert not leftovers  # the temp build dir was renamed into place
+
+
+_RACER = r"""
+import json, sys, time
+from pathlib import Path
+import engine.models as models
+
+def build(out):
+    with open(sys.argv[1], "a") as f:
+        f.write("built\n")
+    time.sleep(1.0)
+    (out / "config.json").write_text("{}")
+    (out / models.MARKER_FILE).write_text("{}")
+
+models._build_embedded = build
+Path(sys.argv[2]).touch()  # ready
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.01)
+print(models.resolve_model("embedded", None))
+"""
+
+
+def test_two_processes_racing_on_first_use_build_once(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("SELFRAT_CACHE", str(tmp_path / "cache"))
+    script = tmp_path / "racer.py"
+    script.write_text(_RACER)
+    log, go = tmp_path / "builds.log", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(log), str(tmp_path / f"ready{i}"), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):  # both imported, then start together
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert {o.strip() for o, _ in outs} == {str(tmp_path / "cache" / EMBEDDED_DIRNAME)}
+    assert log.read_text().count("built") == 1
+
+
 @pytest.mark.slow
 def test_embedded_checkpoint_builds_once_and_loads_plain(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = ensure_embedded_checkpoint(tmp_path / "models")
-    assert path == tmp_path / "models" / EMBEDDED_DIRNAME
+    # Slow tests share the real user cache: the 30 s build happens once per machine.
+    path = ensure_embedded_checkpoint()
+    assert path == cache_dir() / EMBEDDED_DIRNAME
     meta = json.loads((path / MARKER_FILE).read_text())
     assert meta["source_gguf"].endswith(".gguf") and meta["built_at"]
     config = json.loads((path / "config.json").read_text())
@@ -100,8 +213,7 @@ def test_embedded_checkpoint_builds_once_and_loads_plain(tmp_path):
     assert tok.encode(" [RESULT] 4", add_special_tokens=False)[-1] == tok.convert_tokens_to_ids("4")
     # Later calls return at once, and the spec "embedded" resolves to the same directory.
     mtime = (path / "model.safetensors").stat().st_mtime
-    assert ensure_embedded_checkpoint(tmp_path / "models") == path
-    assert resolve_model("embedded", tmp_path) == str(path)
+    assert ensure_embedded_checkpoint() == path
+    assert resolve_model("embedded", tmp_path / "ws1") == resolve_model("embedded", tmp_path / "ws2") == str(path)
     assert (path / "model.safetensors").stat().st_mtime == mtime
-    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.is_dir() and p.name != EMBEDDED_DIRNAME]
-    assert not leftovers  # the temp build dir was renamed into place
+    assert not (tmp_path / "ws1").exists()  # nothing built into a workspace

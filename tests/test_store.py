@@ -41,6 +41,22 @@ def test_item_limit_is_per_section_where_the_data_has_sections(tmp_path):
     assert store.items("d", None, 3)["item_id"].to_list() == [0, 1, 2]
 
 
+def test_item_limit_takes_the_first_rows_in_source_order_per_subset(tmp_path):
+    store = Store(tmp_path / "db.duckdb")
+    # item_id (a hash) runs against the file's order: a cap by item_id would take the last rows.
+    items = make_items("sub", 7).with_columns(
+        split=pl.lit("eval"), item_id=pl.Series([900 - i for i in range(7)]),
+        meta=pl.Series(['{"subset": "x"}', '{"subset": "y"}', '{"subset": "x"}', '{"subset": "y"}',
+                        '{"subset": "x"}', '{"subset": "y"}', '{"section": "s", "subset": "x"}']))
+    store.import_items("sub", "absolute", items, source="x", preset=None, source_rows=7)
+    capped = store.items("sub", "eval", 2)
+    # Rows 1, 3 of subset x; rows 2, 4 of subset y; row 7 is in section s (a section wins over a subset).
+    assert sorted(capped["source_row"].to_list()) == [1, 2, 3, 4, 7]
+    assert capped["item_id"].to_list() == sorted(capped["item_id"].to_list())  # returned by item_id, as before
+    assert store.items("sub", "eval", 2).equals(capped)  # the same N, the same items
+    assert store.items("sub", "eval").height == 7  # no limit: everything
+
+
 def judgment_rows(run_id, iteration, item_ids, n, scores):
     rows = []
     for item in item_ids:
@@ -67,8 +83,10 @@ def test_migrate_blank_db_creates_schema_and_is_repeatable():
 def test_import_is_idempotent_and_kind_is_checked(tmp_path):
     store = Store(tmp_path / "db.duckdb")
     items = make_items("d", 10)
-    assert store.import_items("d", "absolute", items, source="x", preset=None, source_rows=10) == {"inserted": 10, "existing": 0}
-    assert store.import_items("d", "absolute", items, source="x", preset=None, source_rows=10) == {"inserted": 0, "existing": 10}
+    assert store.import_items("d", "absolute", items, source="x", preset=None, source_rows=10) == {"inserted": 10, "existing": 0,
+                                                                                                  "replaced": 0, "kept_stored": 0}
+    again = store.import_items("d", "absolute", items, source="x", preset=None, source_rows=10)
+    assert (again["inserted"], again["existing"]) == (0, 10)
     assert store.datasets().row(0, named=True)["items"] == 10
     with pytest.raises(StoreError, match="absolute"):
         store.import_items("d", "pairwise", make_items("d", 1, "pairwise"), source="x", preset=None, source_rows=1)

@@ -88,6 +88,9 @@ pick = st.selectbox("Item", keys, key="compare_item",
                     format_func=lambda key: f"{key[0]}" + (f" (side {key[1]})" if key[1] != "a" else ""))
 row = rows.filter((pl.col("item_id") == pick[0]) & (pl.col("side") == pick[1])).row(0, named=True)
 st.markdown(f"**Instruction**: {row['instruction'][:400]}")
+if item_input := state.cached(queries.item_detail, pick[0]).get("input"):
+    st.markdown("**Input**")
+    st.text(item_input[:400])
 st.caption(f"gold {row['gold_score']} · score {row['score_a']} in {a} → {row['score_b']} in {b}")
 la, lb = st.columns(2)
 la.markdown(f"**Iteration {a}**")

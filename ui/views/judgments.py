@@ -82,6 +82,9 @@ else:
                     f"gold score **{components.gold_label(item.get('gold_score'))}**")
         st.markdown("**Instruction**")
         st.text(item.get("instruction") or "")
+        if item.get("input"):  # the text the instruction works on (Alpaca layout), when the item has one
+            st.markdown("**Input**")
+            st.text(item["input"])
         st.markdown("**Response**" + (" A" if item.get("response_b") else ""))
         st.text(item.get("response") or "")
         if item.get("response_b"):

@@ -106,6 +106,9 @@ with st.expander("Item", expanded=True):
     left, right = st.columns(2)
     left.markdown("**Instruction**")
     left.text(pair["instruction"] or "")
+    if pair["input"]:
+        left.markdown("**Input**")
+        left.text(pair["input"])
     right.markdown("**Response**")
     right.text(pair["response"] or "")
     if pair["reference"]:
