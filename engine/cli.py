@@ -145,7 +145,7 @@ def import_(
         typer.echo(f"interrupted: {what}", err=True)
         raise typer.Exit(130) from None
     if as_json:
-        typer.echo(json.dumps(report, allow_nan=False))
+        typer.echo(_strict_json(report))
         return
     for e in report["skipped_rows"]:
         typer.echo(f"skipped row {e['row']}: {e['reason']}", err=True)
@@ -195,7 +195,7 @@ def datasets(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")
         return
     frame = _ws().store().datasets()
     if as_json:
-        typer.echo(json.dumps({"datasets": frame.drop("created_at").to_dicts()}))
+        typer.echo(_strict_json({"datasets": frame.drop("created_at").to_dicts()}))
     elif frame.height == 0:
         typer.echo("no datasets yet: `selfrat import PATH --dataset NAME`")
     else:
@@ -254,9 +254,9 @@ def datasets_show(
             for item in items:
                 item["prompts"] = _item_prompts(item)
         if as_json:
-            typer.echo(json.dumps({"dataset": name, "kind": info["kind"],
-                                   "counts": {"items": info["items"], "train": info["train"], "eval": info["eval"]},
-                                   "items": items}, allow_nan=False, default=str))
+            typer.echo(_strict_json({"dataset": name, "kind": info["kind"],
+                                     "counts": {"items": info["items"], "train": info["train"], "eval": info["eval"]},
+                                     "items": items}, default=str))
             return
         typer.echo(f"{name}: {info['kind']}, {info['items']} items (train {info['train']}, eval {info['eval']});"
                    f" showing {len(items)}" + (f" of split {split}" if split else "") + " in source order")
@@ -373,7 +373,7 @@ def _stage_command(stage: str):
             runner._install_signal_handlers()
             result = getattr(runner, stage)(iteration)
             if result:
-                typer.echo(json.dumps(result, indent=2, default=str))
+                typer.echo(_strict_json(result, indent=2, default=str))
         _guard(body)
     command.__doc__ = f"Run the {stage} stage of one iteration of a run (a no-op when it is done)."
     return command
@@ -421,7 +421,7 @@ def curate_(
         else:
             report = _curate_again(ws, run_id, iteration, cfg, echo=not as_json)
         if as_json:
-            typer.echo(json.dumps(report))
+            typer.echo(_strict_json(report))
         else:
             what = f"{run_id} iteration {iteration}" + (" (dry run: nothing written)" if dry_run else "")
             _print_curation(report, what)
@@ -491,8 +491,9 @@ def _print_curation(r: dict, what: str) -> None:
 METHODS = ("greedy", "expected", "self-consistency", "best-of-n", "relative")
 
 
-def _strict_json(obj) -> str:
-    """JSON any parser accepts: NaN and +-inf become null (json.dumps alone writes bare NaN / Infinity)."""
+def _strict_json(obj, **dumps_kw) -> str:
+    """JSON any parser accepts: NaN and +-inf become null (json.dumps alone writes bare NaN / Infinity).
+    Every `--json` output goes through here."""
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -501,7 +502,7 @@ def _strict_json(obj) -> str:
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
-    return json.dumps(clean(obj), allow_nan=False)
+    return json.dumps(clean(obj), allow_nan=False, **dumps_kw)
 
 
 @app.command()
@@ -613,7 +614,7 @@ def single_stage(
 
         metrics = run_single_stage(_ws(), run_id, new_run_id, echo=not as_json)
         if as_json:
-            typer.echo(json.dumps(metrics))
+            typer.echo(_strict_json(metrics))
         else:
             for name, values in metrics.items():
                 _print_metrics(name, values, indent="")
@@ -630,11 +631,11 @@ def status(
         store = _ws().store()
         if run_id:
             data = store.run_status(run_id)
-            typer.echo(json.dumps(data)) if as_json else _print_status(data)
+            typer.echo(_strict_json(data)) if as_json else _print_status(data)
         else:
             data = store.all_status()
             if as_json:
-                typer.echo(json.dumps(data))
+                typer.echo(_strict_json(data))
             elif not data["runs"]:
                 typer.echo("no runs yet")
             for r in data["runs"] if not as_json else []:
@@ -793,7 +794,7 @@ def sxs_score(
 
         res = score_sheets(sheets, key, seed=seed)
         if as_json:
-            typer.echo(json.dumps(res))
+            typer.echo(_strict_json(res))
             return
         typer.echo(f"{res['dataset']}: {res['annotations']} annotations of {res['items']} items"
                    f" ({res['ties']} ties, {res['unfilled']} rows not filled)")

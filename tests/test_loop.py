@@ -184,9 +184,10 @@ def test_import_reports_bad_rows_and_is_idempotent(tmp_path):
     assert res.exit_code == 2 and "row 2" in res.output and "row 3" in res.output
     assert Store.in_workspace(ws).datasets().height == 0  # nothing half-written
     res = cli(ws, "import", str(bad), "--dataset", "b", "--skip-invalid")
-    assert "1 items imported" in res.output and "skipped row 2" in res.output
+    assert "1 new items" in res.output and "skipped row 2" in res.output
+    assert "3 source rows = 1 imported + 0 already present" in res.output
     res = cli(ws, "import", str(bad), "--dataset", "b", "--skip-invalid")
-    assert "0 items imported, 1 already present" in res.output
+    assert "0 new items" in res.output and "= 0 imported + 1 already present" in res.output
     listing = json.loads(cli(ws, "datasets", "--json").output)
     assert listing["datasets"][0]["items"] == 1
 
