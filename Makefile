@@ -24,7 +24,9 @@ demo: $(STAMP)
 	$(VENV)/bin/selfrat demo --prepare-only
 	$(VENV)/bin/selfrat app
 
-test: $(STAMP) browser
+# Never installs system packages: without chromium + chromedriver the browser test is skipped, saying how to
+# get them (CI installs them in .ci/run).
+test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -33,11 +35,6 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/curation_scale.py
 	$(PY) bench/sampling.py
-
-# Headless Chromium + its driver for tests/test_browser_e2e.py (Debian packages; skipped when already there).
-.PHONY: browser
-browser:
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
 
 clean:
 	rm -rf $(VENV) .selfrat .pytest_cache

@@ -55,8 +55,8 @@ def import_data(ws: Workspace, data: Path) -> None:
 def config(a: argparse.Namespace) -> dict:
     return {
         "model": "embedded",
-        "seed": {"sft": {"dataset": "cia-train", "max_items": a.sft_items, "epochs": a.sft_epochs,
-                         "learning_rate": a.sft_lr, "batch_size": 4, "max_length": a.max_length}},
+        "sft": {"dataset": "cia-train", "max_items": a.sft_items, "epochs": a.sft_epochs,
+                "learning_rate": a.sft_lr, "batch_size": 4, "max_length": a.max_length},
         "train_dataset": "cia-train",
         "train_items_per_iteration": a.items_per_iteration,
         "eval_datasets": ["cia-heldout", "rb-chat", "rb-chat-hard"],

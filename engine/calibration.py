@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.metrics import LEVELS, NAN, _missing, _ratio, _round_half_up
+from engine.metrics import LEVELS, NAN, _missing, _ratio, round_half_up
 
 SCORES = np.arange(1, LEVELS + 1, dtype=float)
 ECE_BINS = 10  # equal-width confidence bins on [0, 1]
@@ -79,7 +79,7 @@ def _gold_levels(gold: Sequence[float], n: int) -> np.ndarray:
     for i, g in enumerate(gold):
         if _missing(g):
             raise ValueError(f"item {i}: gold score is missing")
-        out[i] = _round_half_up(float(g))
+        out[i] = round_half_up(float(g))
         if not 1 <= out[i] <= LEVELS:
             raise ValueError(f"item {i}: gold score {g} is outside 1..{LEVELS}")
     return out
@@ -158,7 +158,7 @@ def score_shares(scores: Sequence[float | None]) -> dict[int, float]:
     for i, s in enumerate(scores):
         if _missing(s):
             continue
-        level = _round_half_up(float(s))
+        level = round_half_up(float(s))
         if level not in counts:
             raise ValueError(f"item {i}: score {s} is outside 1..{LEVELS}")
         counts[level] += 1

@@ -2,16 +2,41 @@
 
 Fields that map onto TRL keep TRL's names (`beta`, `learning_rate`, `max_length`). Unknown keys are
 rejected everywhere (`extra="forbid"`) so a typo in a YAML file fails loudly instead of being ignored.
+
+Names: `seed` is always an RNG seed (sampling.seed, training.seed, sft.seed, evaluation.seed). The judge a
+run starts from is the *initial judge* (iteration 0): `model` as it is, or J_SFT when the `sft:` section
+trains it first; `evaluate_initial` evaluates it, and `training.reference: initial` makes it the DPO
+reference. Configs written before the rename still load, with a `ConfigDeprecationWarning` naming the new
+key: `seed: {sft: ...}` -> `sft: ...`, `evaluate_seed` -> `evaluate_initial`, `reference: seed` ->
+`reference: initial`.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.devices import DEVICE_HELP, check_device
+from store.errors import SelfratError
+
+
+class ConfigDeprecationWarning(DeprecationWarning):
+    """A config key or value that was renamed; the old spelling still loads (see the module docstring)."""
+
+
+if not sys.warnoptions:  # shown to the person whose config it is, unless they chose a -W policy themselves
+    warnings.simplefilter("default", ConfigDeprecationWarning)
+
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(f"config: `{old}` is deprecated, write `{new}` (the old spelling still loads for now)",
+                  ConfigDeprecationWarning, stacklevel=2)
 
 
 # A Hugging Face hub id ("org/name"); kept here, in a light module, for the CLI, the engine and the app.
@@ -31,8 +56,8 @@ class SamplingConfig(_Strict):
     max_new_tokens: int = Field(256, ge=8, le=4096, description="Budget for the rationale, in tokens.")
     repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, description="1.0 = off (Prometheus uses 1.03).")
     seed: int = Field(0, description="Base seed; each judgment's seed derives from it, item and sample index.")
-    backend: Literal["transformers", "vllm", "fake"] = Field(
-        "transformers", description="transformers (CPU/GPU), vllm (GPU), fake (tests)."
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers (CPU/GPU), vllm (GPU)."
     )
     batch_size: int = Field(8, ge=1, le=512, description="Prompts per generation batch (each expands to n rows).")
     force_score: bool | None = Field(
@@ -40,7 +65,12 @@ class SamplingConfig(_Strict):
         description="Close a rationale without a valid score with ' [RESULT] ' and draw the score from the "
         "model's 1-5 distribution. None = on for `model: embedded`, off otherwise.",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available.")
+    device: str = Field("auto", description=f"{DEVICE_HELP}.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        return check_device(v)
 
 
 class CurationConfig(_Strict):
@@ -85,13 +115,23 @@ class TrainingConfig(_Strict):
     lora: bool = Field(False, description="Train LoRA adapters (peft) and merge them into the checkpoint.")
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
-    reference: Literal["previous", "seed"] = Field(
-        "previous", description="DPO reference model: the previous iteration's judge, or the seed."
+    reference: Literal["previous", "initial"] = Field(
+        "previous", description="DPO reference model: the previous iteration's judge, or the initial judge "
+        "(iteration 0's: `model`, or J_SFT with `sft:`). `seed` is a deprecated spelling of `initial`.",
     )
     seed: int = Field(0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = fp32 on CPU (bf16 is ~10x slower on AVX2 CPUs), bf16 on GPU."
     )
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_reference_name(cls, data):
+        if isinstance(data, dict) and data.get("reference") == "seed":
+            _renamed("training.reference: seed", "training.reference: initial")
+            data = {**data, "reference": "initial"}
+        return data
 
 
 BASELINES = ("self-consistency", "best-of-n")
@@ -112,7 +152,8 @@ class EvaluationConfig(_Strict):
         "both orders (disagreement = tie).",
     )
     baselines: list[Literal["self-consistency", "best-of-n"]] = Field(
-        default_factory=list, description="Baselines evaluated on the seed (iteration 0), stored as '<method>/<metric>'."
+        default_factory=list,
+        description="Baselines evaluated on the initial judge (iteration 0), stored as '<method>/<metric>'.",
     )
     baseline_n: int = Field(5, ge=2, le=64, description="Samples per item for self-consistency and best-of-n.")
     baseline_temperature: float = Field(1.0, gt=0.0, le=2.0)
@@ -139,19 +180,14 @@ class SFTConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto")
 
 
-class SeedConfig(_Strict):
-    """Where the loop's judge comes from: `model` as is, or SFT'd on gold rationales first."""
-
-    sft: SFTConfig | None = Field(None, description="Train J_SFT from `model` before iteration 0.")
-
-
 class RunConfig(_Strict):
-    """A self-rationalization run: seed evaluation, then K x (sample, curate, train, evaluate)."""
+    """A self-rationalization run: the initial judge's evaluation, then K x (sample, curate, train, evaluate)."""
 
     model: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), a local checkpoint dir or a hub id.")
     train_dataset: str | None = Field(None, description="Name of an imported dataset; its train split is sampled.")
     eval_datasets: list[str] = Field(default_factory=list, description="Imported datasets; their eval split is evaluated.")
-    iterations: int = Field(1, ge=0, le=20, description="Self-rationalization iterations after the seed (0 = evaluate only).")
+    iterations: int = Field(1, ge=0, le=20,
+                            description="Self-rationalization iterations after iteration 0 (0 = evaluate only).")
     max_train_items: int | None = Field(None, ge=1, description="Use only the first N train items (by id).")
     max_eval_items: int | None = Field(None, ge=1, description="Use only the first N items per eval dataset.")
     eval_split: Literal["eval", "train", "all"] = Field("eval")
@@ -165,13 +201,45 @@ class RunConfig(_Strict):
         description="Allow train/SFT items whose instruction+response also occur in an eval dataset (they are "
         "still never used for training; the overlap is reported). False = refuse such a run.",
     )
-    seed: SeedConfig = Field(default_factory=SeedConfig)
-    evaluate_seed: bool = Field(True, description="Evaluate the seed judge as iteration 0 (off for a baseline "
-                                "run whose seed another run has evaluated already).")
+    sft: SFTConfig | None = Field(
+        None, description="Train the initial judge J_SFT from `model` on gold rationales + scores before "
+        "iteration 0; None = the loop starts from `model` as it is.",
+    )
+    evaluate_initial: bool = Field(True, description="Evaluate the initial judge as iteration 0 (off for a "
+                                   "baseline run whose initial judge another run has evaluated already).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data):
+        """Configs written before the rename: `seed: {sft: ...}` and `evaluate_seed`. An integer `seed` here
+        is not the old section: it is refused, pointing at the sections that take an RNG seed."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "seed" in data:
+            section = data["seed"]
+            if section is not None and not isinstance(section, dict):
+                raise ValueError(f"seed: {section!r} is not a run-level setting; an RNG seed goes in sampling.seed, "
+                                 "training.seed, sft.seed or evaluation.seed (and the initial judge's SFT in `sft:`)")
+            section = dict(section or {})
+            unknown = sorted(set(section) - {"sft"})
+            if unknown:
+                raise ValueError(f"seed (deprecated section, now `sft:`): unknown key(s) {', '.join(unknown)}")
+            if "sft" in data:
+                raise ValueError("both `seed:` (the deprecated spelling) and `sft:` are given: keep `sft:` only")
+            _renamed("seed: {sft: ...}", "sft: ...")
+            del data["seed"]
+            data["sft"] = section.get("sft")
+        if "evaluate_seed" in data:
+            if "evaluate_initial" in data:
+                raise ValueError("both `evaluate_seed` (the deprecated spelling) and `evaluate_initial` are given")
+            _renamed("evaluate_seed", "evaluate_initial")
+            data["evaluate_initial"] = data.pop("evaluate_seed")
+        return data
 
     @model_validator(mode="after")
     def _defaults_that_depend_on_model(self) -> "RunConfig":
@@ -182,7 +250,7 @@ class RunConfig(_Strict):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(SelfratError, ValueError):
     """A config file that cannot be used; the message names the file and each bad field."""
 
 

@@ -22,7 +22,8 @@ a hash: a deterministic, order-free pick). Items left without a pair are counted
 the items with pairs add up to the items.
 
 The report also measures length bias: DPO on pairs whose chosen rationales are much longer than the
-rejected ones can teach the judge that long means right (see METHOD.md on length in the reference data).
+rejected ones can teach the judge that long means right (docs/evaluation.md, "Length: a trap in the
+reference data").
 
 The work is whole-array numpy over integer columns, with no per-row Python: rows are grouped by item (the
 store hands them back adjacent), and ranks inside an item come from per-item bitmasks of sample indices
@@ -38,7 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from engine.config import CurationConfig
+from engine.config import ConfigError, CurationConfig
+from engine.metrics import round_half_up
 
 SKIP_REASONS = {
     "gold": ("no_gold", "no_scored_judgment", "no_chosen", "no_rejected"),
@@ -175,7 +177,7 @@ def preview(store, run_id: str, iteration: int, cfg: CurationConfig, rater_model
     judgment rated by the model that wrote it, as the runner does), since rating means generating."""
     dataset = store.run(run_id)["config"].get("train_dataset")
     if not dataset:
-        raise ValueError(f"run {run_id!r} has no train_dataset: there is nothing to curate")
+        raise ConfigError(f"run {run_id!r} has no train_dataset: there is nothing to curate")
     judgments, golds = store.curation_inputs(run_id, iteration, dataset)
     if cfg.strategy != "meta":
         return curate(judgments, golds, cfg).report
@@ -308,7 +310,7 @@ def _gold_pairs(rows: _Rows, golds: pl.DataFrame, cfg: CurationConfig) -> _Pairs
     group_gold = _lookup(golds["item_id"].to_numpy(), golds["gold_score"].cast(pl.Float64).fill_null(np.nan)
                          .to_numpy(), rows.group_items)
     has_gold = ~np.isnan(group_gold)
-    target = np.where(has_gold, np.floor(group_gold + 0.5), NO_SCORE).astype(rows.score.dtype)  # half up
+    target = np.where(has_gold, round_half_up(group_gold), NO_SCORE).astype(rows.score.dtype)
     found, n_usable, n_chosen, n_rejected = _target_pairs(rows, target, cfg)
     found.skipped = {
         "no_gold": ~has_gold,

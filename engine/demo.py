@@ -10,10 +10,10 @@ import importlib.resources
 from collections.abc import Callable
 
 from engine.config import parse_run_config
+from engine.metrics import HEADLINE_METRICS
 from engine.workspace import Workspace
 
 DEMO_DATASET = "demo"
-HEADLINE = ("pearson", "spearman", "kendall", "exact", "within1", "parse_failure_rate")
 
 
 def demo_data_path() -> str:
@@ -75,7 +75,7 @@ def before_after_table(status: dict) -> str:
     lines = [f"{'dataset':<10} {'metric':<20} " + " ".join(f"{'iter ' + str(it['index']):>9}" for it in iters)]
     datasets = sorted({d for it in iters for d in it["metrics"]})
     for d in datasets:
-        for m in HEADLINE:
+        for m in [m for m in HEADLINE_METRICS if any(m in it["metrics"].get(d, {}) for it in iters)]:
             vals = [it["metrics"].get(d, {}).get(m) for it in iters]
             cells = " ".join(f"{'nan' if v is None or v != v else f'{v:.3f}':>9}" for v in vals)
             lines.append(f"{d:<10} {m:<20} {cells}")

@@ -32,16 +32,29 @@ from dataclasses import dataclass
 import polars as pl
 
 from engine.calibration import (
-    expected_calibration_error, expected_scores, mean_entropy, reliability_bins, saturation_warning, score_shares,
+    expected_calibration_error,
+    expected_scores,
+    mean_entropy,
+    reliability_bins,
+    saturation_warning,
+    score_shares,
 )
 from engine.judging import JudgeRequest
 from engine.length import (
-    length_baseline_scores, pairwise_by_length, partial_correlation, similar_length_pair_accuracy,
+    length_baseline_scores,
+    pairwise_by_length,
+    partial_correlation,
+    similar_length_pair_accuracy,
 )
 from engine.metrics import (
-    PAIR_LABELS, absolute_metrics, confusion_matrix, pairwise_metrics, section_mean_accuracy,
+    PAIR_LABELS,
+    absolute_metrics,
+    confusion_matrix,
+    pairwise_metrics,
+    section_mean_accuracy,
 )
 from engine.prompts import absolute_messages
+from store.errors import UsageError
 
 CHOSEN_SIDE = {"A": "a", "B": "b"}
 METHODS = ("greedy", "self-consistency-mean", "self-consistency-majority", "best-of-n", "expected")
@@ -148,7 +161,7 @@ def evaluate_judgments(items: pl.DataFrame, judgments: pl.DataFrame, *, method: 
     """
     kinds = set(items["kind"].unique().to_list()) if items.height else {"absolute"}
     if len(kinds) > 1:
-        raise ValueError(f"items mix kinds {sorted(kinds)}; evaluate one dataset at a time")
+        raise UsageError(f"items mix kinds {sorted(kinds)}; evaluate one dataset at a time")
     preds = predictions(judgments, method, ratings)
     samples = int(preds["samples"].sum()) if preds.height else 0
     failures = int(preds["failures"].sum()) if preds.height else 0
@@ -190,7 +203,7 @@ def _absolute(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: in
     rows = items.select("item_id", "gold_score", "criteria", "meta").join(side_a, on="item_id", how="left")
     rows = rows.sort("item_id")
     for r in rows.filter(pl.col("gold_score").is_null()).head(1).iter_rows(named=True):
-        raise ValueError(f"item {r['item_id']}: no gold score; absolute evaluation needs one per item")
+        raise UsageError(f"item {r['item_id']}: no gold score; absolute evaluation needs one per item")
     gold, pred = rows["gold_score"].to_list(), rows["pred"].to_list()
     metrics = absolute_metrics(gold, pred, bootstrap=bootstrap, seed=seed)
     # Responses to one prompt: the instruction and its input together (one instruction, many inputs is common).
@@ -219,7 +232,7 @@ def _pairwise(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: in
     chosen, rejected, labels = [], [], []
     for r in rows.iter_rows(named=True):
         if r["label"] not in PAIR_LABELS:
-            raise ValueError(f"item {r['item_id']}: label {r['label']!r} is not one of {PAIR_LABELS}")
+            raise UsageError(f"item {r['item_id']}: label {r['label']!r} is not one of {PAIR_LABELS}")
         flip = r["label"] == "B"  # chosen = response_b; tie items keep (a, b)
         chosen.append(r["b"] if flip else r["a"])
         rejected.append(r["a"] if flip else r["b"])

@@ -43,7 +43,6 @@ from typing import Any
 import polars as pl
 
 from engine.presets import (
-    CANONICAL,
     MAPPING_TARGETS,
     PRESET_SPECS,
     PRESETS,
@@ -57,13 +56,12 @@ from engine.presets import (
     row_split,
     split_arg,
 )
-from engine.prompts import parse_prometheus_prompt
 from engine.sources import ImportFailed, RowError, open_source
 from store.store import ITEM_COLUMNS, RUBRIC_KEYS
 
 __all__ = [
     "ITEM_COLUMNS", "ITEM_SCHEMA", "ON_CONFLICT", "PRESETS", "ImportFailed", "ImportResult", "RowError",
-    "import_file", "parse_constants", "parse_mapping", "parse_prometheus_prompt", "read_items",
+    "import_file", "parse_constants", "parse_mapping", "read_items",
 ]  # fmt: skip
 
 ITEM_SCHEMA: dict[str, pl.DataType] = {

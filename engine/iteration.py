@@ -8,6 +8,7 @@ stored rows end (judgments are keyed by item and sample index; pairs and metrics
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -16,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
-import yaml
 
 from engine.config import RunConfig
 from engine.curation import curate
@@ -24,17 +24,14 @@ from engine.evaluation import eval_requests
 from engine.judging import JudgeRequest, sample_and_store
 from engine.models import EMBEDDED, resolve_model
 from engine.prompts import absolute_messages, format_judgment
+from engine.runs import check_run_id, save_run_config
 from engine.sampling import Sampler, SamplingParams, make_sampler
 from engine.workspace import RunLog, Workspace
 from store import Store, StoreError
-
+from store.errors import Cancelled
 
 # The figures a finished evaluation writes to the run log, for each method (everything is in the store).
 LOGGED = ("pearson", "exact", "within1", "accuracy", "parse_failure_rate")
-
-
-class Cancelled(Exception):
-    """The job received SIGTERM/SIGINT; the current stage stops at a batch boundary and can be resumed."""
 
 
 def _split(split: str | None) -> str | None:
@@ -111,8 +108,8 @@ def contamination_report(store: Store, cfg: RunConfig) -> dict:
     sources = []
     if cfg.train_dataset:
         sources.append(("train", cfg.train_dataset, "train"))
-    if cfg.seed.sft:
-        sources.append(("sft", cfg.seed.sft.dataset, _split(cfg.seed.sft.split)))
+    if cfg.sft:
+        sources.append(("sft", cfg.sft.dataset, _split(cfg.sft.split)))
     report: dict = {"eval_datasets": list(cfg.eval_datasets), "eval_split": cfg.eval_split, "sources": {},
                     "overlapping_items": 0, "allowed": cfg.allow_contamination}
     for role, dataset, split in sources:
@@ -131,18 +128,22 @@ def contamination_report(store: Store, cfg: RunConfig) -> dict:
 def create_run(ws: Workspace, cfg: RunConfig, run_id: str | None = None, kind: str = "loop") -> str:
     """Validate a config against the workspace and record a new run (its config saved in the run dir).
 
+    Refuses a run id that is not a plain name (it becomes a directory under runs/: no '..', no slash, no
+    absolute path), whichever way it came in: `selfrat run --run-id`, `single-stage --run-id`, the app, a job.
     Refuses a run whose training inputs overlap its eval sets unless `allow_contamination` is set; with it,
     the overlapping items are left out of training (never sampled for pairs, never SFT'd on) and reported.
     """
+    if run_id is not None:
+        check_run_id(run_id)
     store = ws.store()
-    sft = cfg.seed.sft
+    sft = cfg.sft
     for name in [cfg.train_dataset, *cfg.eval_datasets, sft.dataset if sft else None]:
         if name:
             store.dataset_kind(name)  # raises naming the missing dataset
     if cfg.train_dataset and store.dataset_kind(cfg.train_dataset) != "absolute":
         raise StoreError(f"train_dataset {cfg.train_dataset!r} must hold absolute (gold-scored) items")
     if sft and store.dataset_kind(sft.dataset) != "absolute":
-        raise StoreError(f"seed.sft.dataset {sft.dataset!r} must hold absolute items with gold feedback")
+        raise StoreError(f"sft.dataset {sft.dataset!r} must hold absolute items with gold feedback")
     if cfg.model != EMBEDDED:
         resolve_model(cfg.model, ws.root)  # a bad path fails now, not after the run is recorded
     contamination = contamination_report(store, cfg)
@@ -158,18 +159,17 @@ def create_run(ws: Workspace, cfg: RunConfig, run_id: str | None = None, kind: s
     if not store.create_run(run_id, kind, cfg.model_dump(mode="json"), str(run_dir)):
         raise StoreError(f"run {run_id!r} exists already; use `selfrat resume {run_id}`")
     store.put_run_report(run_id, "contamination", contamination)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    save_run_config(run_dir, cfg)
     return run_id
 
 
-def single_stage_config(cfg: RunConfig, seed_model: str) -> RunConfig:
+def single_stage_config(cfg: RunConfig, initial_model: str) -> RunConfig:
     """The single-stage DPO baseline of a K-iteration run: one iteration from the same seed judge that
     samples, at once, what the K iterations sampled (their K slices of items, or K x n samples of the same
     items when every iteration sampled all of them) and trains once on all the pairs."""
     k = max(cfg.iterations, 1)
     data = cfg.model_dump(mode="json")
-    data.update(model=seed_model, iterations=1, seed={"sft": None}, evaluate_seed=False)
+    data.update(model=initial_model, iterations=1, sft=None, evaluate_initial=False)
     if cfg.train_items_per_iteration:
         data["train_items_per_iteration"] = cfg.train_items_per_iteration * k
     else:
@@ -188,7 +188,7 @@ def run_single_stage(ws: Workspace, run_id: str, new_run_id: str | None = None, 
     store = ws.store()
     new_run_id = new_run_id or f"{run_id}-single-stage"
     if new_run_id not in store.runs()["run_id"].to_list():
-        create_run(ws, single_stage_config(parent.cfg, parent.seed_model()), new_run_id)
+        create_run(ws, single_stage_config(parent.cfg, parent.initial_model()), new_run_id)
     Runner(ws, new_run_id, sampler_factory=sampler_factory, echo=echo).run_all()
     metrics = store.run_status(new_run_id)["iterations"][1]["metrics"]
     for dataset, values in metrics.items():
@@ -218,7 +218,10 @@ class Runner:
     # -------------------------------------------------------------- the whole run
 
     def run_all(self) -> dict:
-        self._install_signal_handlers()
+        with self.handling_signals():
+            return self._run_all()
+
+    def _run_all(self) -> dict:
         self.store.update_run(self.run_id, status="running", pid=os.getpid(), clear_error=True)
         self.log(f"run {self.run_id}: model={self.cfg.model} iterations={self.cfg.iterations}")
         try:
@@ -250,15 +253,25 @@ class Runner:
         c.__cause__ = e
         return c
 
-    def _install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def handling_signals(self):
+        """Within the block, SIGTERM / SIGINT stop the current stage at a batch boundary: it is marked
+        cancelled and `Cancelled` is raised (the run resumes from there). `run_all` uses it; wrap single
+        stage calls (`runner.sample(k)`, ...) in it to get the same. The previous handlers come back after."""
         def handler(signum, frame):
             self._cancelled = True
             raise Cancelled(f"signal {signum}")
+        previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(sig, handler)
+                previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. under a test runner thread)
                 pass
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # -------------------------------------------------------------- models
 
@@ -266,13 +279,13 @@ class Runner:
         """`model` of the config: the seed judge itself, or what the seed SFT starts from."""
         return resolve_model(self.cfg.model, self.ws.root)
 
-    def seed_model(self) -> str:
+    def initial_model(self) -> str:
         """The judge of iteration 0: J_SFT when the config has a seed SFT, else the base model."""
         return self.model_of(0)
 
     def model_of(self, iteration: int) -> str:
         """The judge after `iteration` (0 = the seed)."""
-        if iteration == 0 and self.cfg.seed.sft is None:
+        if iteration == 0 and self.cfg.sft is None:
             return self.base_model()
         row = self.store.iteration(self.run_id, iteration)
         if row["train_status"] not in ("done", "skipped") or not row["checkpoint"]:
@@ -349,9 +362,9 @@ class Runner:
     # -------------------------------------------------------------- stages
 
     def sft(self) -> dict:
-        """The seed SFT (config `seed.sft`): trains J_SFT from `model` on gold rationales + scores, as
-        iteration 0's train stage. A no-op without `seed.sft` or when done."""
-        sft = self.cfg.seed.sft
+        """The seed SFT (config `sft:`): trains J_SFT from `model` on gold rationales + scores, as
+        iteration 0's train stage. A no-op without `sft:` or when done."""
+        sft = self.cfg.sft
         if sft is None:
             return {}
         self.store.ensure_iteration(self.run_id, 0, sampler_model=self.base_model())
@@ -452,7 +465,7 @@ class Runner:
             from engine.training import train_dpo  # heavy (TRL): imported only when training
 
             policy = self.model_of(k - 1)
-            reference = self.seed_model() if self.cfg.training.reference == "seed" else policy
+            reference = self.initial_model() if self.cfg.training.reference == "initial" else policy
             rows = self.store.training_pairs(self.run_id, k)
             if rows.height == 0:
                 # Nothing to learn from: the judge carries over unchanged, and the log says so.
@@ -480,7 +493,7 @@ class Runner:
     def evaluate(self, k: int) -> dict:
         if k == 0:
             self._mark_seed_stages()
-            if not self.cfg.evaluate_seed:
+            if not self.cfg.evaluate_initial:
                 self.store.set_stage(self.run_id, 0, "evaluate", "skipped")
                 return {}
         if not self._stage(k, "evaluate"):
@@ -513,7 +526,7 @@ class Runner:
         self.store.ensure_iteration(self.run_id, 0, sampler_model=self.base_model())
         row = self.store.iteration(self.run_id, 0)
         for stage in ("sample", "curate", "train"):
-            if stage == "train" and self.cfg.seed.sft is not None:
+            if stage == "train" and self.cfg.sft is not None:
                 continue
             if row[f"{stage}_status"] != "skipped":
                 self.store.set_stage(self.run_id, 0, stage, "skipped",

@@ -1,8 +1,10 @@
 """Jobs: a run started as a separate `selfrat` process, and how the app watches and stops it.
 
     from engine import jobs
-    job = jobs.launch_run(ws, cfg, "first")          # python -m engine.cli --workspace WS run configs/first.yaml --run-id first
+    job = jobs.launch_run(ws, cfg, "first")          # python -m selfrat --workspace WS run configs/first.yaml --run-id first
+    jobs.launch_run(ws, cfg, "first", dry_run=True)  # the same checks and argv, nothing written or started
     jobs.status(ws, "first")                         # {"running": True, "progress": {"stage": "sample", ...}, ...}
+    jobs.running(ws)                                 # the status of every run with a live process
     jobs.tail(ws, "first", 20)                       # last lines of runs/first/run.log
     jobs.cancel(ws, "first")                         # SIGTERM to the job's process group: run status 'cancelled'
     jobs.launch_next_iteration(ws, "first")          # selfrat resume first --iterations K+1
@@ -11,16 +13,15 @@ The app never runs engine work in its own process (torch would live in the Strea
 rerun must not block on sampling). A launch writes `runs/<id>/job.json` ({pid, argv, started_at}) and
 appends the process's stdout/stderr to `runs/<id>/job.out`; the runner itself writes `run.log` and
 `progress.jsonl` there. Any process (a restarted app, a second browser tab) can find the job from those
-files. This module imports nothing heavy: it is safe to import in the app.
+files. Processes are watched and stopped with psutil and runs are locked with filelock, so this works (and
+imports) on Linux, macOS and Windows. This module imports nothing heavy: it is safe to import in the app.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,36 +31,37 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
+import psutil
+from filelock import FileLock
 
-from engine.config import ConfigError, RunConfig, format_validation_error
+from engine.config import RunConfig
+from engine.runs import amend_config, check_run_id, done_iterations, save_run_config
 from engine.workspace import RunLog
 from store import Store, StoreError
+from store.errors import SelfratError
 
 JOB_FILE = "job.json"
 OUT_FILE = "job.out"
 LOCK_FILE = "job.lock"
-# A run id becomes a directory name and a CLI argument: keep it to plain characters.
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# What a later iteration may change; everything else decides what the run's numbers mean.
-AMENDABLE = ("iterations", "sampling", "curation", "training", "evaluation")
+POSIX = os.name == "posix"
 
 # Popen objects of the jobs this process started: polling them reaps the child (no zombie) and gives its
 # exit code. Module-level, so it survives Streamlit reruns (the module is imported once per server).
 _children: dict[int, subprocess.Popen] = {}
 
 
-class JobRunning(RuntimeError):
+class JobRunning(SelfratError, RuntimeError):
     """A job of this run is alive already; cancel it or wait for it before launching another."""
 
 
 @dataclass
 class Job:
+    """A launched job; from a dry run, the job a launch would start (`pid` and `started_at` None)."""
+
     run_id: str
-    pid: int
+    pid: int | None
     argv: list[str]
-    started_at: str
+    started_at: str | None
     log_path: Path
 
 
@@ -106,25 +108,37 @@ def _last_lines(path: Path, n: int, block: int = 8192) -> list[str]:
 
 @contextlib.contextmanager
 def _run_lock(run_dir: Path):
-    """An exclusive advisory lock on the run dir: a check-then-spawn is atomic across processes."""
+    """An exclusive lock on the run dir (flock on POSIX, msvcrt on Windows): a check-then-spawn is atomic
+    across processes and threads."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(str(run_dir / LOCK_FILE)):
+        yield
 
 
 # ------------------------------------------------------------------ processes
 
 
+def _process(pid: int) -> psutil.Process | None:
+    """The live (non-zombie) process `pid`, or None."""
+    try:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
 def _cmdline(pid: int) -> list[str] | None:
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
         return None
-    return raw.decode(errors="replace").split("\0")[:-1] if raw else []  # a zombie's cmdline is empty
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
 
 
 def _reap(pid: int) -> int | None:
@@ -136,6 +150,8 @@ def _reap(pid: int) -> int | None:
         if rc is not None:
             _children.pop(pid, None)
         return rc
+    if not hasattr(os, "WNOHANG"):  # Windows: no zombies to reap
+        return None
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
@@ -143,30 +159,27 @@ def _reap(pid: int) -> int | None:
     return os.waitstatus_to_exitcode(status) if done else None
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) from /proc/<pid>/stat, or None if there is no such pid."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) ": comm may hold spaces and parens
-    return fields[0], int(fields[19])
-
-
-def _alive(pid: int, argv: list[str], start: int | None) -> bool:
-    """True while `pid` is the process we started: same start time and our argv. A pid the kernel reused
+def _alive(pid: int, argv: list[str], created: float | None) -> bool:
+    """True while `pid` is the process we started: same creation time and our argv. A pid the system reused
     for another program does not count, nor does a zombie."""
-    stat = _stat(pid)
-    if stat is None or stat[0] == "Z" or (start is not None and stat[1] != start):
+    proc = _process(pid)
+    if proc is None:
         return False
-    cmd = _cmdline(pid)
-    # Empty for a moment while the kernel sets up an exec'd image; the start time already vouches for it.
-    return cmd == argv or (cmd == [] and start is not None)
+    try:
+        if created is not None and abs(proc.create_time() - created) > 0.01:
+            return False
+        cmd = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return created is not None
+    # Empty for a moment while the system sets up an exec'd image; the creation time already vouches for it.
+    return cmd == argv or (cmd == [] and created is not None)
 
 
 def command(workspace: str | Path, args: list[str]) -> list[str]:
     """The exact argv a launch runs (the app shows it before the button is pressed)."""
-    return [sys.executable, "-m", "engine.cli", "--workspace", str(workspace), *args]
+    return [sys.executable, "-m", "selfrat", "--workspace", str(workspace), *args]
 
 
 def current(workspace: str | Path, run_id: str) -> Job | None:
@@ -176,7 +189,7 @@ def current(workspace: str | Path, run_id: str) -> Job | None:
     if not info or "pid" not in info:
         return None
     pid, argv = int(info["pid"]), list(info["argv"])
-    if _alive(pid, argv, info.get("start")):
+    if _alive(pid, argv, info.get("create_time")):
         return Job(run_id=run_id, pid=pid, argv=argv, started_at=info["started_at"], log_path=run_dir / "run.log")
     # Not running (checked first, so a job that exits between two checks is still reaped): if it was our
     # child, reap it. Only the launching process learns the exit code: keep it for status() in any process.
@@ -186,7 +199,7 @@ def current(workspace: str | Path, run_id: str) -> Job | None:
                                                 "ended_at": datetime.now().isoformat(timespec="seconds")})
         return None
     if pid in _children:
-        # Our child whose main thread has exited while other threads still wind down: /proc shows a zombie,
+        # Our child whose main thread has exited while other threads still wind down: it shows as a zombie,
         # but it cannot be reaped yet. It is still ending; the next poll gets its exit code.
         return Job(run_id=run_id, pid=pid, argv=argv, started_at=info["started_at"], log_path=run_dir / "run.log")
     return None
@@ -201,8 +214,8 @@ def _foreign_runner(workspace: str | Path, run_id: str) -> int | None:
     pid = run.get("pid")
     if run["status"] != "running" or not pid or pid == os.getpid():
         return None
-    cmd = _cmdline(int(pid))
-    if cmd and any("selfrat" in a or a == "engine.cli" for a in cmd):
+    cmd = _cmdline(int(pid)) if _process(int(pid)) else None
+    if cmd and any("selfrat" in a for a in cmd):
         return int(pid)
     return None
 
@@ -223,17 +236,19 @@ def launch(workspace: str | Path, run_id: str, args: list[str]) -> Job:
             out.write(f"--- {started_at} $ {' '.join(argv)}\n")
             out.flush()
             # An argument list, never through a shell: run ids and paths come from a form and must not be parsed
-            # by a shell. A new session makes the job its own process group, so cancel() reaches any
-            # children it starts, and Ctrl-C in the app's terminal does not reach the job.
+            # by a shell. A new session (POSIX) makes the job its own process group, so cancel() reaches any
+            # children it starts, and Ctrl-C in the app's terminal does not reach the job; on Windows a new
+            # process group keeps Ctrl-C away likewise.
+            detach = ({"start_new_session": True} if POSIX
+                      else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)})
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                close_fds=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, close_fds=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, **detach,
             )
         _children[proc.pid] = proc
         job = Job(run_id=run_id, pid=proc.pid, argv=argv, started_at=started_at, log_path=run_dir / "run.log")
-        stat = _stat(proc.pid)
         _write_json_atomic(run_dir / JOB_FILE, {"pid": proc.pid, "argv": argv, "started_at": started_at,
-                                                "start": stat[1] if stat else None})
+                                                "create_time": _create_time(proc.pid)})
     return job
 
 
@@ -277,22 +292,45 @@ def tail(workspace: str | Path, run_id: str, n: int = 40, which: str = "log") ->
     return _last_lines(_run_dir(workspace, run_id) / name, n)
 
 
+def running(workspace: str | Path) -> list[dict]:
+    """What is running in the workspace (`selfrat jobs`): the `status()` of every run with a live job, and
+    of runs a `selfrat run/resume` started elsewhere (a terminal) is running (`"launched": False`), by run id."""
+    out = {}
+    for job_file in sorted(Path(workspace).glob(f"runs/*/{JOB_FILE}")):
+        run_id = job_file.parent.name
+        if current(workspace, run_id) is not None:
+            out[run_id] = {"run_id": run_id, "launched": True, **status(workspace, run_id)}
+    if (Path(workspace) / "selfrat.duckdb").exists():  # listing jobs must not create a workspace
+        with contextlib.suppress(StoreError):
+            runs = Store.in_workspace(workspace).runs()
+            for run_id in runs.filter(runs["status"] == "running")["run_id"].to_list():
+                pid = None if run_id in out else _foreign_runner(workspace, run_id)
+                if pid is not None:
+                    st = status(workspace, run_id)
+                    created = _create_time(pid)
+                    out[run_id] = {"run_id": run_id, "launched": False, **st, "running": True, "pid": pid,
+                                   "argv": _cmdline(pid), "returncode": None,
+                                   "started_at": datetime.fromtimestamp(created).isoformat(timespec="seconds")
+                                   if created else None}
+    return [out[k] for k in sorted(out)]
+
+
 def cancel(workspace: str | Path, run_id: str, timeout_s: float = 60) -> bool:
-    """Stop a run's job: SIGTERM to its process group (the runner stops where it is and marks the run cancelled),
-    SIGKILL to what is left of the group after timeout_s. True if a job was running."""
+    """Stop a run's job: SIGTERM to its process group on POSIX, terminate() to it and its children on Windows
+    (the runner stops where it is and marks the run cancelled); SIGKILL / kill() to what is left after
+    timeout_s. True if a job was running; StoreError for a run the workspace does not have."""
     job = current(workspace, run_id)
     if job is None:
+        if not _run_dir(workspace, run_id).is_dir():
+            Store.in_workspace(workspace).run(run_id)  # raises naming the unknown run
         return False
-    pgid = job.pid  # start_new_session: the job leads its own group
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
+    _signal_job(job.pid, kill=False)
     # The leader first; then its helpers (e.g. multiprocessing's resource tracker ignores SIGTERM and
     # leaves once the leader's pipes close).
-    if not _wait(lambda: current(workspace, run_id) is None and not _group(pgid), timeout_s):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        _wait(lambda: current(workspace, run_id) is None and not _group(pgid), 10)
-    # A job stopped before the runner installed its handler (or SIGKILLed) could not record it.
+    if not _wait(lambda: current(workspace, run_id) is None and not _group(job.pid), timeout_s):
+        _signal_job(job.pid, kill=True)
+        _wait(lambda: current(workspace, run_id) is None and not _group(job.pid), 10)
+    # A job stopped before the runner installed its handler (or killed) could not record it.
     with contextlib.suppress(StoreError):
         store = Store.in_workspace(workspace)
         if store.run(run_id)["status"] in ("pending", "running"):
@@ -301,19 +339,36 @@ def cancel(workspace: str | Path, run_id: str, timeout_s: float = 60) -> bool:
     return True
 
 
+_known: dict[int, set[psutil.Process]] = {}  # Windows: a job's processes seen so far (no process groups)
+
+
+def _signal_job(pid: int, kill: bool) -> None:
+    """SIGTERM (kill: SIGKILL) to the job's process group; on Windows, to the job and its descendants."""
+    if POSIX:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL if kill else signal.SIGTERM)
+        return
+    procs = _known.setdefault(pid, set())
+    with contextlib.suppress(psutil.Error):
+        leader = psutil.Process(pid)
+        procs.update([leader, *leader.children(recursive=True)])
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill() if kill else proc.terminate()
+
+
 def _group(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
+    """Live (non-zombie) processes of the job led by `pgid`: its process group on POSIX; on Windows the
+    processes `_signal_job` found (the job and its descendants)."""
+    if not POSIX:
+        return [p.pid for p in _known.get(pgid, ()) if _process(p.pid) is not None]
     out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    for pid in psutil.pids():
         try:
-            raw = (d / "stat").read_text()
-        except OSError:  # exited while we looked
+            if os.getpgid(pid) == pgid and _process(pid) is not None:
+                out.append(pid)
+        except (ProcessLookupError, PermissionError):  # exited while we looked
             continue
-        fields = raw[raw.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(d.name))
     return out
 
 
@@ -329,21 +384,19 @@ def _wait(done, timeout_s: float) -> bool:
 # ------------------------------------------------------------------ runs
 
 
-def check_run_id(run_id: str) -> str:
-    if not _RUN_ID.match(run_id or ""):
-        raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (start with a letter or digit)")
-    return run_id
+def _config_path(workspace: str | Path, name: str) -> Path:
+    return Path(workspace) / "configs" / f"{name}.yaml"
 
 
-def _write_config(workspace: str | Path, name: str, cfg: RunConfig) -> Path:
-    path = Path(workspace) / "configs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return path
+def _planned(workspace: str | Path, run_id: str, args: list[str]) -> Job:
+    return Job(run_id=run_id, pid=None, argv=command(workspace, args), started_at=None,
+               log_path=_run_dir(workspace, run_id) / "run.log")
 
 
-def launch_run(workspace: str | Path, cfg: RunConfig, run_id: str) -> Job:
-    """Start a new run as a job; refuses a run id that exists (use launch_next_iteration to continue it)."""
+def launch_run(workspace: str | Path, cfg: RunConfig, run_id: str, dry_run: bool = False) -> Job:
+    """Start a new run as a job; refuses a run id that exists (use launch_next_iteration to continue it).
+    `dry_run`: the same checks, and the Job it would start (its argv: what the app shows), starting nothing
+    and writing nothing."""
     check_run_id(run_id)
     store = Store.in_workspace(workspace)
     try:
@@ -355,45 +408,19 @@ def launch_run(workspace: str | Path, cfg: RunConfig, run_id: str) -> Job:
     for name in [cfg.train_dataset, *cfg.eval_datasets]:  # fail here, not in a job the user must go and read
         if name:
             store.dataset_kind(name)
-    path = _write_config(workspace, run_id, cfg)
-    return launch(workspace, run_id, ["run", str(path), "--run-id", run_id])
+    path = _config_path(workspace, run_id)
+    args = ["run", str(path), "--run-id", run_id]
+    if dry_run:
+        return _planned(workspace, run_id, args)
+    save_run_config(path.parent, cfg, path.name)
+    return launch(workspace, run_id, args)
 
 
-def done_iterations(store: Store, run_id: str) -> int:
-    """How many iterations after the seed are complete (evaluated), counting from 1 without gaps."""
-    done = 0
-    for it in store.iterations(run_id):
-        if it["iteration"] == done + 1 and it["evaluate_status"] == "done":
-            done += 1
-    return done
-
-
-def amend_config(stored: dict, cfg: RunConfig | None = None, iterations: int | None = None,
-                 done: int = 0) -> RunConfig:
-    """The run's config for its remaining iterations: `cfg` may replace the fields in AMENDABLE only (the
-    model and datasets define the run), and `iterations` never drops below the `done` ones."""
-    merged = dict(stored)
-    if cfg is not None:
-        new = cfg.model_dump(mode="json")
-        old = RunConfig.model_validate(stored).model_dump(mode="json")
-        changed = [k for k in new if k not in AMENDABLE and new[k] != old.get(k)]
-        if changed:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
-            raise ConfigError(f"a run keeps its {', '.join(changed)} ({detail}); only "
-                              f"{', '.join(AMENDABLE)} can change between iterations: start a new run instead")
-        merged.update({k: new[k] for k in AMENDABLE})
-    if iterations is not None:
-        merged["iterations"] = iterations
-    merged["iterations"] = max(int(merged["iterations"]), done)
-    try:
-        return RunConfig.model_validate(merged)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, "amended run config")) from None
-
-
-def launch_next_iteration(workspace: str | Path, run_id: str, cfg: RunConfig | None = None) -> Job:
+def launch_next_iteration(workspace: str | Path, run_id: str, cfg: RunConfig | None = None,
+                          dry_run: bool = False) -> Job:
     """Continue a run up to one iteration past its completed ones (finishing a cancelled one first), with
-    `cfg`'s sampling/curation/training/evaluation for what is not done yet."""
+    `cfg`'s sampling/curation/training/evaluation for what is not done yet. `dry_run`: the same checks, and
+    the Job it would start, starting nothing and writing nothing."""
     job = current(workspace, run_id)
     if job is not None:  # before reading the store: a run just launched may not be recorded there yet
         raise JobRunning(f"run {run_id} already has a job running (pid {job.pid}, started {job.started_at})")
@@ -403,11 +430,14 @@ def launch_next_iteration(workspace: str | Path, run_id: str, cfg: RunConfig | N
     args = ["resume", run_id, "--iterations", str(nxt)]
     amend_config(run["config"], cfg, nxt, nxt - 1)  # refuse a bad change now, not inside the job
     if cfg is not None:
-        args += ["--config", str(_write_config(workspace, f"{run_id}-iter{nxt}", cfg))]
-    return launch(workspace, run_id, args)
+        path = _config_path(workspace, f"{run_id}-iter{nxt}")
+        args += ["--config", str(path)]
+        if not dry_run:
+            save_run_config(path.parent, cfg, path.name)
+    return _planned(workspace, run_id, args) if dry_run else launch(workspace, run_id, args)
 
 
 __all__ = [
-    "Job", "JobRunning", "amend_config", "cancel", "command", "current", "done_iterations", "launch",
-    "launch_next_iteration", "launch_run", "status", "tail",
+    "Job", "JobRunning", "amend_config", "cancel", "check_run_id", "command", "current", "done_iterations",
+    "launch", "launch_next_iteration", "launch_run", "running", "status", "tail",
 ]

@@ -1,8 +1,9 @@
 """Response length as a judge, and figures that control for it.
 
-On the CIA graded responses, length alone predicts the gold score (METHOD.md, "A trap in the reference
-data"), so a judge that learned "longer is better" looks good while judging nothing. These pure functions
-give the length baseline (scored like any judge) and length-controlled figures to report beside a judge:
+On the CIA graded responses, length alone predicts the gold score (docs/evaluation.md, "Length: a trap in
+the reference data"), so a judge that learned "longer is better" looks good while judging nothing. These pure
+functions give the length baseline (scored like any judge) and length-controlled figures to report beside a
+judge:
 
     >>> length_baseline_scores([120, 40, 300, 40, 95]).tolist()   # the two 40s share mean rank 1.5
     [4, 2, 5, 2, 3]

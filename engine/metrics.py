@@ -11,22 +11,29 @@ Nothing here raises on degenerate input (empty lists, a single point, constant s
     0.3333333333333333
 
 95% intervals are percentile bootstraps over items resampled with replacement, seeded (same seed, same
-interval). The caller adds the namespace (`eval/pearson`, `eval/pairwise/accuracy`, ...).
+interval): `percentile_bootstrap`, the one helper every interval of the project goes through. The caller
+adds the namespace (`eval/pearson`, `eval/pairwise/accuracy`, ...).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import stats
 
 NAN = float("nan")
 CORRELATIONS = ("pearson", "spearman", "kendall")
-PAIR_LABELS = ("A", "B", "tie")  # A/B: `chosen` is the better response; tie: neither (METHOD.md)
+PAIR_LABELS = ("A", "B", "tie")  # A/B: `chosen` is the better response; tie: neither (docs/evaluation.md, "Ties")
 LEVELS = 5  # scores 1..5
+# The figures a report leads with, in this order (the CLI's metric lines, the app's Evaluation table, the
+# Overview chart's default, the demo's before/after table); each shows the ones a dataset has.
+HEADLINE_METRICS = (
+    "pearson", "spearman", "kendall", "exact", "within1", "partial_pearson", "similar_length_accuracy",
+    "accuracy", "section_mean_accuracy", "accuracy_chosen_longer", "accuracy_chosen_shorter", "tie_rate",
+    "position_consistency", "ece", "mean_entropy", "parse_failure_rate",
+)
 # Resampled values held in memory at once (resamples x items): ~8 MB per array whatever n is.
 _CHUNK_CELLS = 1_000_000
 
@@ -35,8 +42,17 @@ def _missing(x: float | None) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def _round_half_up(x: float) -> int:
-    # Python's round() rounds half to even (round(2.5) == 2); a gold mean of 2.5 should count as 3.
+def round_half_up(x):
+    """The one rounding rule for scores (docs/evaluation.md, "Rounding"): x.5 goes up, so a gold mean of
+    2.5 counts as 3 and a self-consistency mean of 3.5 as 4. Python's round() rounds half to even
+    (round(2.5) == 2), which would move half of such scores down. A float gives an int; a numpy array gives
+    an array of whole floats (NaN stays NaN).
+
+    The store's SQL spells the same rule `floor(x + 0.5)` (store/queries.py `GOLD`; the store may not import
+    the engine): tests/test_metrics.py checks that the two agree on the .5 cases.
+    """
+    if isinstance(x, np.ndarray):
+        return np.floor(x + 0.5)
     return math.floor(x + 0.5)
 
 
@@ -48,6 +64,8 @@ def _correlations(gold: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Pearson, Spearman and Kendall; NaN when fewer than 2 points or either side is constant."""
     if len(gold) < 2 or np.ptp(gold) == 0 or np.ptp(pred) == 0:
         return {"pearson": NAN, "spearman": NAN, "kendall": NAN}
+    from scipy import stats  # slow to import: the app's pages read only this module's names
+
     with warnings.catch_warnings():  # scipy warns (not raises) on near-degenerate input; we report NaN instead
         warnings.simplefilter("ignore")
         out = {
@@ -117,6 +135,8 @@ def _rowwise_kendall(g_codes: np.ndarray, p_codes: np.ndarray, kg: int, kp: int)
 
 
 def _scipy_kendall_rows(g: np.ndarray, p: np.ndarray) -> np.ndarray:
+    from scipy import stats
+
     out = np.full(g.shape[0], np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -156,25 +176,52 @@ def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def percentile_bootstrap(statistics: Callable[[np.ndarray], dict[str, np.ndarray]], n: int, *, bootstrap: int,
+                         seed: int) -> dict[str, tuple[float, float]]:
+    """The project's one bootstrap (docs/evaluation.md, "Intervals"): 95% percentile intervals of some
+    statistics over `bootstrap` resamples of n items drawn with replacement from
+    `np.random.default_rng(seed)` (same seed, same intervals).
+
+    `statistics(idx)` receives a (resamples, n) array of item indices, a chunk of resamples at a time (about
+    a million indices, so memory stays flat whatever n is), and returns {name: one value per resample}. A
+    NaN value marks a resample where the statistic is undefined (a constant side of a correlation): it is
+    left out of the percentiles. Returns {name: (lo, hi)}, (NaN, NaN) for a statistic no resample defines;
+    {} when n is 0 or bootstrap <= 0.
+    """
+    if n <= 0 or bootstrap <= 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, _CHUNK_CELLS // n)
+    draws: dict[str, list[np.ndarray]] = {}
+    for start in range(0, bootstrap, per_chunk):
+        idx = rng.integers(0, n, size=(min(per_chunk, bootstrap - start), n))
+        for name, values in statistics(idx).items():
+            draws.setdefault(name, []).append(np.asarray(values, dtype=float))
+    return {name: _percentile_interval(np.concatenate(values)) for name, values in draws.items()}
+
+
+def bootstrap_mean(values: Sequence[float], bootstrap: int, seed: int) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of per-item values (e.g. 1 = correct, 0 = not: an
+    accuracy); (NaN, NaN) with no item or bootstrap <= 0."""
+    arr = np.asarray(values, dtype=float)
+    got = percentile_bootstrap(lambda idx: {"mean": arr[idx].mean(axis=1)}, len(arr), bootstrap=bootstrap,
+                               seed=seed)
+    return got.get("mean", (NAN, NAN))
+
+
 def bootstrap_correlations(gold: np.ndarray, pred: np.ndarray, bootstrap: int, seed: int) -> dict[str, float]:
     """`<name>_lo` / `<name>_hi` for pearson, spearman, kendall: 95% percentile intervals over `bootstrap`
     resamples of the (gold, pred) pairs with replacement. NaN when the point estimate is undefined.
     Resamples where a side comes out constant are undefined and left out of the percentiles."""
-    n = len(gold)
     point = _correlations(gold, pred)
     out = {f"{name}_{end}": NAN for name in CORRELATIONS for end in ("lo", "hi")}
     if bootstrap <= 0 or all(math.isnan(point[k]) for k in CORRELATIONS):
         return out
-    rng = np.random.default_rng(seed)
-    per_chunk = max(1, _CHUNK_CELLS // n)
-    draws: dict[str, list[np.ndarray]] = {k: [] for k in CORRELATIONS}
-    for start in range(0, bootstrap, per_chunk):
-        idx = rng.integers(0, n, size=(min(per_chunk, bootstrap - start), n))
-        for name, values in resampled_correlations(gold, pred, idx).items():
-            draws[name].append(values)
+    intervals = percentile_bootstrap(lambda idx: resampled_correlations(gold, pred, idx), len(gold),
+                                     bootstrap=bootstrap, seed=seed)
     for name in CORRELATIONS:
         if not math.isnan(point[name]):
-            out[f"{name}_lo"], out[f"{name}_hi"] = _percentile_interval(np.concatenate(draws[name]))
+            out[f"{name}_lo"], out[f"{name}_hi"] = intervals[name]
     return out
 
 
@@ -214,8 +261,8 @@ def absolute_metrics(gold: Sequence[float], pred: Sequence[float | None], *, boo
     g_arr = np.array([g for g, _ in scored], dtype=float)
     p_arr = np.array([p for _, p in scored], dtype=float)
 
-    exact = sum(1 for g, p in scored if _round_half_up(g) == _round_half_up(p))
-    within1 = sum(1 for g, p in scored if abs(g - _round_half_up(p)) <= 1)
+    exact = sum(1 for g, p in scored if round_half_up(g) == round_half_up(p))
+    within1 = sum(1 for g, p in scored if abs(g - round_half_up(p)) <= 1)
     out = _correlations(g_arr, p_arr)
     if bootstrap > 0:
         out.update(bootstrap_correlations(g_arr, p_arr, bootstrap, seed))
@@ -246,7 +293,7 @@ def confusion_matrix(gold: Sequence[float], pred: Sequence[float | None]) -> lis
             raise ValueError(f"item {i}: gold score is missing")
         if _missing(p):
             continue
-        row, col = _round_half_up(float(g)), _round_half_up(float(p))
+        row, col = round_half_up(float(g)), round_half_up(float(p))
         for name, value, raw in (("gold", row, g), ("predicted", col, p)):
             if not 1 <= value <= LEVELS:
                 raise ValueError(f"item {i}: {name} score {raw} is outside 1..{LEVELS}")
@@ -261,7 +308,7 @@ def pairwise_outcomes(chosen: Sequence[float | None], rejected: Sequence[float |
                       labels: Sequence[str] | None = None) -> list[str]:
     """Per pair: "correct", "wrong", "tie" (an A/B pair scored equal: wrong, but reported) or "failure"
     (no score on a side: wrong). An A/B pair is correct when `chosen` scores strictly higher; a pair
-    labelled "tie" is correct when both sides score the same (METHOD.md), and then `chosen`/`rejected`
+    labelled "tie" is correct when both sides score the same (docs/evaluation.md, "Ties"), and then `chosen`/`rejected`
     are just its two sides. `labels=None` means every pair is an A/B pair."""
     if len(chosen) != len(rejected):
         raise ValueError(f"chosen and rejected differ in length: {len(chosen)} vs {len(rejected)}")
@@ -313,17 +360,9 @@ def pairwise_metrics(chosen: Sequence[float | None], rejected: Sequence[float | 
         tie_correct = sum(1 for o, label in zip(outcomes, labels) if label == "tie" and o == "correct")
         out["tie_item_accuracy"] = tie_correct / tie_items
     if bootstrap > 0:
-        out["accuracy_lo"], out["accuracy_hi"] = bootstrap_proportion(correct, n, bootstrap, seed)
+        hits = [1.0 if o == "correct" else 0.0 for o in outcomes]
+        out["accuracy_lo"], out["accuracy_hi"] = bootstrap_mean(hits, bootstrap, seed)
     return out
-
-
-def bootstrap_proportion(successes: float, n: int, bootstrap: int, seed: int) -> tuple[float, float]:
-    """95% percentile bootstrap interval of a proportion over n items. Resampling n items with replacement
-    draws the number of successes from Binomial(n, successes / n), so no item-level resampling is needed."""
-    if n == 0 or bootstrap <= 0:
-        return NAN, NAN
-    rng = np.random.default_rng(seed)
-    return _percentile_interval(rng.binomial(n, successes / n, size=bootstrap) / n)
 
 
 def section_mean_accuracy(section_accuracy: dict[str, float]) -> float:

@@ -27,6 +27,8 @@ import torch
 from filelock import FileLock
 
 from engine.config import HUB_ID
+from engine.devices import resolve_device
+from store.errors import SelfratError
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,8 +40,12 @@ MARKER_FILE = "selfrat_model.json"  # written last into a built checkpoint: its 
 # A hub id: "org/name", each part letters, digits, '-', '_', '.'; no leading '.' or '-' (so no "../x").
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(SelfratError, ValueError):
     """A model spec that names nothing usable; the message says what was expected."""
+
+
+class EmbeddedMissing(SelfratError, FileNotFoundError):
+    """The embedded judge's package is not installed; the message says how to install it."""
 
 
 # --------------------------------------------------------------------------------------------- embedded
@@ -55,7 +61,7 @@ def embedded_gguf() -> tuple[Path, str]:
         if (Path(loc) / EMBEDDED_GGUF).is_file():
             return Path(loc), EMBEDDED_GGUF
     where = f" (looked in {', '.join(locations)})" if locations else ""
-    raise FileNotFoundError(
+    raise EmbeddedMissing(
         f"the embedded model {EMBEDDED_GGUF} was not found{where}; install it with: {EMBEDDED_INSTALL}"
     )
 
@@ -172,15 +178,6 @@ def resolve_model(spec: str, workspace: Path | None = None) -> str:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def pick_device(pref: str = "auto") -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; an explicit choice is returned as given."""
-    if pref == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if pref not in ("cpu", "cuda") and not pref.startswith("cuda:"):
-        raise ValueError(f"device {pref!r}: expected auto, cpu or cuda")
-    return pref
-
-
 def default_dtype(device: str) -> torch.dtype:
     """fp32 on CPU (bf16 matmuls are ~10x slower on AVX2 CPUs), bf16 on CUDA."""
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -190,7 +187,7 @@ def load_model_and_tokenizer(path: str, device: str = "auto", dtype: torch.dtype
     """Load a causal LM and its tokenizer for inference: eval mode, no remote code, left padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = pick_device(device)
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:

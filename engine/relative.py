@@ -25,6 +25,7 @@ import polars as pl
 
 from engine.judging import JudgeRequest
 from engine.prompts import relative_messages
+from store.errors import UsageError
 
 SIDES = ("ab", "ba")
 LABELS = ("A", "B", "tie")
@@ -40,7 +41,7 @@ def relative_requests(items: pl.DataFrame) -> list[JudgeRequest]:
     out = []
     for item in items.iter_rows(named=True):
         if not isinstance(item.get("response_b"), str):
-            raise ValueError(f"item {item['item_id']}: no response_b; relative judging needs pairwise items")
+            raise UsageError(f"item {item['item_id']}: no response_b; relative judging needs pairwise items")
         out.append(JudgeRequest(item["item_id"], "ab", relative_messages(item)))
         out.append(JudgeRequest(item["item_id"], "ba", relative_messages(item, swap=True)))
     return out

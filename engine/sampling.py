@@ -44,6 +44,7 @@ import torch
 
 from engine.parsing import Judgment, ParseStatus, parse_judgment
 from engine.prompts import RESULT_MARKER
+from store.errors import SelfratError
 
 SCORES = (1, 2, 3, 4, 5)
 VERDICTS = ("A", "B")  # relative mode: the better response, as the judge names it
@@ -683,12 +684,15 @@ class FakeSampler:
 # ----------------------------------------------------------------------------------------------- factory
 
 
+class BackendUnavailable(SelfratError, NotImplementedError):
+    """A sampling backend the config may name but this install cannot run yet (vLLM)."""
+
+
 def make_sampler(backend: str, model_path: str, device: str = "auto") -> Sampler:
-    """The sampler for a config's ``backend``: "transformers" here; "vllm" lands later; "fake" is test-only."""
+    """The sampler for a config's ``backend``: "transformers" here; "vllm" lands later. (Tests build
+    ``FakeSampler(script)`` directly and hand it to the runner as ``sampler_factory``: it is no backend.)"""
     if backend == "transformers":
         return TransformersSampler(model_path, device=device)
     if backend == "vllm":
-        raise NotImplementedError("the vLLM backend lands in a later issue")
-    if backend == "fake":
-        raise ValueError("the fake backend needs a script: tests build FakeSampler(script) directly")
-    raise ValueError(f"unknown sampling backend {backend!r}: expected transformers, vllm or fake")
+        raise BackendUnavailable("the vLLM backend lands in a later issue")
+    raise ValueError(f"unknown sampling backend {backend!r}: expected transformers or vllm")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import polars as pl
 
+from store.errors import SelfratError
+
 BATCH_ROWS = 20_000
 HF_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 HF_SPLIT = "__hf_split__"  # record key carrying a Hugging Face split name (into meta as hf_split)
@@ -35,7 +37,7 @@ SPLIT_ALIASES = {"train": "train", "eval": "eval", "test": "eval", "validation":
 FORMATS = ".jsonl, .json, .csv, .tsv, .parquet, a saved datasets directory or a hub id org/name"
 
 
-class ImportFailed(ValueError):
+class ImportFailed(SelfratError, ValueError):
     """Nothing was imported. `errors` holds the bad rows (empty for file-level problems)."""
 
     def __init__(self, message: str, errors: list[RowError] | None = None):

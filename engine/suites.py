@@ -8,6 +8,8 @@ relative to a checkout beside ../shared; point them at your own copies otherwise
 
 from __future__ import annotations
 
+from store.errors import UsageError
+
 SUITES: dict[str, tuple[str, ...]] = {"standard": ("cia-biggen", "rewardbench", "hhh")}
 
 IMPORT_COMMANDS: dict[str, list[str]] = {
@@ -23,9 +25,9 @@ IMPORT_COMMANDS: dict[str, list[str]] = {
 def suite_datasets(name: str, available: list[str]) -> list[str]:
     """The datasets of suite `name`; raises naming the missing ones and the commands that import them."""
     if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; suites: {', '.join(SUITES)}")
+        raise UsageError(f"unknown suite {name!r}; suites: {', '.join(SUITES)}")
     missing = [d for d in SUITES[name] if d not in available]
     if missing:
         commands = "\n".join(f"  {c}" for d in missing for c in IMPORT_COMMANDS[d])
-        raise ValueError(f"suite {name!r} needs the datasets {', '.join(missing)}; import them first:\n{commands}")
+        raise UsageError(f"suite {name!r} needs the datasets {', '.join(missing)}; import them first:\n{commands}")
     return list(SUITES[name])

@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from engine.metrics import percentile_bootstrap
+from store.errors import UsageError
+
 KEY_FORMAT = "selfrat-sxs-key/1"
 WINNERS = ("left", "right", "tie")
 SHEET_COLUMNS = [
@@ -52,13 +55,13 @@ def parse_spec(text: str, default_run: str | None = None) -> Spec:
     if not sep:
         run, it = default_run or "", text
     if not run:
-        raise ValueError(f"system {text!r}: expected RUN:ITERATION (or ITERATION with --run)")
+        raise UsageError(f"system {text!r}: expected RUN:ITERATION (or ITERATION with --run)")
     try:
         iteration = int(it)
     except ValueError:
-        raise ValueError(f"system {text!r}: iteration {it!r} is not an integer") from None
+        raise UsageError(f"system {text!r}: iteration {it!r} is not an integer") from None
     if iteration < 0:
-        raise ValueError(f"system {text!r}: iteration must be >= 0")
+        raise UsageError(f"system {text!r}: iteration must be >= 0")
     return Spec(run, iteration)
 
 
@@ -75,7 +78,7 @@ def _judgments(store, spec: Spec, item_ids: pl.Series, purpose: str) -> pl.DataF
     rows = rows.filter((pl.col("sample_index") == SAMPLE_INDEX) & (pl.col("side") == SIDE)
                        & pl.col("item_id").is_in(item_ids.implode()))
     if rows.height == 0:
-        raise ValueError(f"{spec} has no {purpose} judgments (sample {SAMPLE_INDEX}, side {SIDE}) on these items")
+        raise UsageError(f"{spec} has no {purpose} judgments (sample {SAMPLE_INDEX}, side {SIDE}) on these items")
     # The rationale as parsed; a judgment where none could be split off shows its whole text.
     shown = pl.coalesce(pl.col("rationale"), pl.col("text"), pl.col("raw_text"), pl.lit(""))
     return rows.select("item_id", rationale=shown, score=pl.col("score"))
@@ -91,17 +94,17 @@ def export_sheet(store, dataset: str, first: Spec, second: Spec, sheet_path: str
     dataset that only one system (or neither) judged.
     """
     if first == second:
-        raise ValueError(f"both systems are {first}: compare two different iterations or runs")
+        raise UsageError(f"both systems are {first}: compare two different iterations or runs")
     key_path = Path(key_path) if key_path else default_key_path(sheet_path)
     if Path(sheet_path).resolve() == key_path.resolve():
-        raise ValueError("the key must be a different file from the sheet")
+        raise UsageError("the key must be a different file from the sheet")
     items = store.items(dataset)
     a = _judgments(store, first, items["item_id"], purpose)
     b = _judgments(store, second, items["item_id"], purpose)
     rows = (items.select("item_id", "instruction", "response", "reference", "criteria")
             .join(a, on="item_id").join(b, on="item_id", suffix="_second").sort("item_id"))
     if rows.height == 0:
-        raise ValueError(f"{first} and {second} judged no item of {dataset!r} in common")
+        raise UsageError(f"{first} and {second} judged no item of {dataset!r} in common")
     rng = np.random.default_rng(seed)
     order = rng.permutation(rows.height)[: max_items or rows.height]
     first_left = rng.random(len(order)) < 0.5
@@ -151,9 +154,9 @@ def read_key(path: str | Path) -> dict:
     try:
         key = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON key file ({e})") from None
+        raise UsageError(f"{path}: not a JSON key file ({e})") from None
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT:
-        raise ValueError(f"{path}: not a side-by-side key (expected format {KEY_FORMAT!r})")
+        raise UsageError(f"{path}: not a side-by-side key (expected format {KEY_FORMAT!r})")
     return key
 
 
@@ -165,17 +168,17 @@ def read_sheet(path: str | Path, key: dict) -> list[tuple[str, str]]:
         reader = csv.DictReader(f)
         missing = {"sheet_id", "winner"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: no column(s) {sorted(missing)}")
+            raise UsageError(f"{path}: no column(s) {sorted(missing)}")
         for row_no, row in enumerate(reader, 2):
             sheet_id = (row["sheet_id"] or "").strip()
             winner = (row["winner"] or "").strip().lower()
             where = f"{path} row {row_no} (sheet_id {sheet_id!r})"
             if sheet_id not in key["rows"]:
-                raise ValueError(f"{where}: sheet_id is not in the key")
+                raise UsageError(f"{where}: sheet_id is not in the key")
             if sheet_id in seen:
-                raise ValueError(f"{where}: sheet_id appears twice")
+                raise UsageError(f"{where}: sheet_id appears twice")
             if winner and winner not in WINNERS:
-                raise ValueError(f"{where}: winner {row['winner']!r} is not one of {', '.join(WINNERS)} (or empty)")
+                raise UsageError(f"{where}: winner {row['winner']!r} is not one of {', '.join(WINNERS)} (or empty)")
             seen.add(sheet_id)
             out.append((sheet_id, winner))
     return out
@@ -231,11 +234,8 @@ def score_sheets(sheets: list[str | Path], key_path: str | Path, *, bootstrap: i
 
 def _item_bootstrap(points: list[list[float]], bootstrap: int, seed: int) -> tuple[float, float]:
     """95% percentile interval of sum(points) / count(points) with items (not annotations) resampled."""
-    if not points or bootstrap <= 0:
-        return float("nan"), float("nan")
-    sums = np.array([sum(p) for p in points])
+    sums = np.array([sum(p) for p in points], dtype=float)
     counts = np.array([len(p) for p in points], dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(points), size=(bootstrap, len(points)))
-    rates = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
-    lo, hi = np.percentile(rates, [2.5, 97.5])
-    return float(lo), float(hi)
+    got = percentile_bootstrap(lambda idx: {"win_rate": sums[idx].sum(axis=1) / counts[idx].sum(axis=1)},
+                               len(points), bootstrap=bootstrap, seed=seed)
+    return got.get("win_rate", (float("nan"), float("nan")))

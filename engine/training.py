@@ -44,7 +44,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.config import SFTConfig, TrainingConfig
+from engine.devices import resolve_device, use_device
+from engine.metrics import round_half_up
 from engine.prompts import absolute_messages, format_judgment
+from store.errors import UsageError
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (the CLI and UI import this module)
     import datasets
@@ -60,11 +63,6 @@ _TRL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
 # --- Examples -------------------------------------------------------------------------------------------
 
 
-def _round_half_up(x: float) -> int:
-    # Python's round() is banker's rounding (2.5 -> 2); gold means of several graders round up, as in curation.
-    return math.floor(x + 0.5)
-
-
 def _sft_problem(item: Mapping) -> str | None:
     """Why `item` cannot be a seed SFT example, or None if it can."""
     feedback = item.get("gold_feedback")
@@ -73,7 +71,7 @@ def _sft_problem(item: Mapping) -> str | None:
     gold = item.get("gold_score")
     if gold is None or isinstance(gold, bool) or not isinstance(gold, (int, float)) or math.isnan(gold):
         return "no gold_score"
-    if _round_half_up(gold) not in range(1, 6):
+    if round_half_up(gold) not in range(1, 6):
         return f"gold_score {gold} is not in 1..5"
     try:
         absolute_messages(item)
@@ -109,12 +107,12 @@ def sft_examples(items: "pl.DataFrame") -> list[dict]:
     bad = [f"{_item_name(it)}: {p}" for it in rows if (p := _sft_problem(it)) is not None]
     if bad:
         shown = "; ".join(bad[:10]) + (f"; ... and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise ValueError(f"{len(bad)} of {len(rows)} items cannot be seed SFT examples: {shown}")
+        raise UsageError(f"{len(bad)} of {len(rows)} items cannot be seed SFT examples: {shown}")
     return [
         {
             "item_id": it.get("item_id"),
             "prompt": absolute_messages(it),
-            "completion": format_judgment(it["gold_feedback"], _round_half_up(it["gold_score"])),
+            "completion": format_judgment(it["gold_feedback"], round_half_up(it["gold_score"])),
         }
         for it in rows
     ]
@@ -206,16 +204,6 @@ def sequence_logprob(
 # --- Shared by both stages ------------------------------------------------------------------------------
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
-    return device
-
-
 def _resolve_precision(precision: str, dev: str) -> str:
     return precision if precision != "auto" else ("bf16" if dev == "cuda" else "fp32")
 
@@ -277,7 +265,7 @@ def _trl_args(*, scratch: Path, dev: str, precision: str, seed: int, learning_ra
         use_cpu=dev == "cpu",
         # TRL defaults to (gradient) checkpointing; it only costs time on CPU-sized runs. transformers 5.24
         # renamed it `activation_checkpointing` and warns on the old name, which TRL's default sets.
-        activation_checkpointing=dev == "cuda",
+        activation_checkpointing=dev.startswith("cuda"),
         trust_remote_code=False,
         report_to="none",
         save_strategy="no",
@@ -397,7 +385,7 @@ def train_sft(
         cfg: learning rate, scheduler, warmup, epochs, batch size, LoRA, precision ...
         out_dir: where the checkpoint goes. If it already holds a finished checkpoint, nothing is trained
             and its stored metrics are returned.
-        device: auto (cuda if available), cpu or cuda.
+        device: auto (cuda if available), cpu, cuda, cuda:N or mps (engine.devices).
         log: receives one line per optimizer step ("step 3/8 loss=2.1034 acc=0.4412").
         progress: receives (steps done, total steps) at the start and after each logged step.
 
@@ -411,14 +399,16 @@ def train_sft(
     if stored is not None:
         return stored
     if len(examples) == 0:
-        raise ValueError("train_sft got zero examples: the SFT dataset has no items with gold feedback "
+        raise UsageError("train_sft got zero examples: the SFT dataset has no items with gold feedback "
                          "(check the dataset, its split and max_items)")
     dataset = _sft_dataset(examples)
 
     from transformers import AutoTokenizer
-    from trl import SFTConfig as TRLSFTConfig, SFTTrainer
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
+    use_device(dev)
     precision = _resolve_precision(cfg.precision, dev)
     with _checkpoint_dirs(out_dir) as (tmp_dir, scratch):
         model = _load(model_path)
@@ -513,7 +503,7 @@ def train_dpo(
             size, LoRA, precision ... (see `dpo_loss_terms` for how the loss options map onto TRL).
         out_dir: where the checkpoint goes. If it already holds a finished checkpoint, nothing is trained
             and its stored metrics are returned.
-        device: auto (cuda if available), cpu or cuda.
+        device: auto (cuda if available), cpu, cuda, cuda:N or mps (engine.devices).
         log: receives one line per optimizer step ("step 3/8 loss=0.6931 margin=0.0012").
         progress: receives (steps done, total steps) at the start and after each logged step.
 
@@ -534,7 +524,8 @@ def train_dpo(
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
+    use_device(dev)
     precision = _resolve_precision(cfg.precision, dev)
     separate_ref = reference_path is not None and not _same_model(reference_path, policy_path)
     loss_terms = dpo_loss_terms(cfg)

@@ -22,6 +22,8 @@ from store import Store
 
 
 def default_workspace() -> Path:
+    """The workspace when none is named: $SELFRAT_HOME, else ./.selfrat (the one rule; the CLI and the app
+    both ask here)."""
     return Path(os.environ.get("SELFRAT_HOME") or "./.selfrat")
 
 

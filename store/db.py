@@ -21,10 +21,12 @@ from pathlib import Path
 
 import duckdb
 
+from store.errors import SelfratError
+
 DEFAULT_TIMEOUT_S = 120.0
 
 
-class StoreBusy(RuntimeError):
+class StoreBusy(SelfratError, RuntimeError):
     """The workspace database stayed locked by another process for longer than the timeout."""
 
 

@@ -6,8 +6,8 @@ judgments each answers in well under 300 ms on 2 cores (bench/app_scale.py), exc
 must read every rationale once (~0.25 s per 1M). Functions that need several statements run them on one
 connection (`_session`), since opening the file is the largest fixed cost (~40 ms).
 
-Conventions: a gold score is rounded half up (`floor(gold + 0.5)`, as curation does); a judgment
-"agrees" when its score equals the rounded gold and "disagrees" when it has a score that differs.
+Conventions: a gold score is rounded half up (`floor(gold + 0.5)`: engine.metrics.round_half_up in SQL); a
+judgment "agrees" when its score equals the rounded gold and "disagrees" when it has a score that differs.
 Pairs are read through `Store._PAIR_VIEW` (status coalesced to 'auto', chosen/rejected as a human swap
 left them), never re-derived here.
 """
@@ -23,11 +23,13 @@ from typing import Any
 import polars as pl
 
 from store.db import connect
-from store.store import PAIR_STATUSES, STAGES, Store
+from store.store import PAIR_STATUSES, STAGES, Store, StoreError
 
 PARSE_STATUSES = ("ok", "no_score", "out_of_range", "truncated", "ambiguous")
 AGREEMENTS = ("any", "agree", "disagree")
-GOLD = "floor(i.gold_score + 0.5)"  # rounded half up, like engine.curation
+# Rounded half up: the same rule as engine.metrics.round_half_up, spelled in SQL because the store may not
+# import the engine (tests/test_metrics.py checks that the two agree on the .5 cases).
+GOLD = "floor(i.gold_score + 0.5)"
 PREVIEW_CHARS = 200
 
 
@@ -322,7 +324,7 @@ def confusion(store: Store, run_id: str, iteration: int, purpose: str | None = N
 
 def _pair_where(run_id: str, iteration: int, status: str | None) -> tuple[str, list[Any]]:
     if status is not None and status not in PAIR_STATUSES:
-        raise ValueError(f"status must be one of {PAIR_STATUSES}, got {status!r}")
+        raise StoreError(f"status must be one of {', '.join(PAIR_STATUSES)}, got {status!r}")
     where, params = "run_id = ? AND iteration = ?", [run_id, int(iteration)]
     if status:
         where += " AND status = ?"

@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from store.db import DEFAULT_TIMEOUT_S, connect, transaction
+from store.errors import SelfratError
 from store.migrations import migrate
 
 DB_FILE = "selfrat.duckdb"
@@ -53,7 +54,7 @@ ITEM_COLUMNS = [
 RUBRIC_KEYS = ("criteria", *(f"score{k}_description" for k in range(1, 6)))
 
 
-class StoreError(ValueError):
+class StoreError(SelfratError, ValueError):
     """A request the store refuses (unknown run, dataset kind clash, bad pair action)."""
 
 
@@ -371,61 +372,48 @@ class Store:
 
     def apply_pair_action(self, pair_ids: int | Iterable[int], action: str, who: str, *, note: str | None = None,
                           rationale: str | None = None, score: int | None = None) -> list[dict]:
-        """A human decision on one or more pairs, written with an audit row each, in one transaction.
+        """A human decision on one or more pairs (of any run), written with an audit row each, in one
+        transaction. See `review_pairs` for the actions; returns each pair's review as it is after the action."""
+        _check_pair_action(action, who, rationale, score)
+        ids = [int(pair_ids)] if isinstance(pair_ids, (int, np.integer)) else [int(p) for p in pair_ids]
+        with self._tx() as con:
+            return _apply_pair_action(con, ids, action, who, note=note, rationale=rationale, score=score)
+
+    def review_pairs(self, run_id: str, iteration: int, action: str, who: str, pair_ids: Iterable[int] | None = None,
+                     *, status: str | None = None, note: str | None = None, rationale: str | None = None,
+                     score: int | None = None) -> list[dict]:
+        """A human decision on pairs of one iteration, with an audit row each, in one transaction: the given
+        `pair_ids` (each must belong to the iteration), or with `pair_ids=None` every pair whose status is
+        `status` (None: every pair of the iteration), picked inside the same transaction. What the app's Pairs
+        page and `selfrat pairs` both call.
 
         accept / reject set the status; swap exchanges chosen and rejected (swapping a swapped pair back
-        leaves it accepted); edit replaces the chosen side's rationale and score (status edited); note
-        only sets the note. Returns each pair's review as it is after the action.
-        """
-        if action not in PAIR_ACTIONS:
-            raise StoreError(f"unknown pair action {action!r}; expected one of {PAIR_ACTIONS}")
-        if action == "edit":
-            if not rationale or not rationale.strip():
-                raise StoreError("edit needs a non-empty rationale")
-            if score is None or not 1 <= int(score) <= 5:
-                raise StoreError(f"edit needs a score between 1 and 5, got {score!r}")
-        if not who or not who.strip():
-            raise StoreError("every pair action needs who made it")
-        ids = [int(pair_ids)] if isinstance(pair_ids, (int, np.integer)) else [int(p) for p in pair_ids]
-        fields = ["pair_id", "run_id", "iteration", "status", "swapped", "edited_rationale", "edited_score", "note"]
-        out = []
+        leaves it accepted); edit replaces the chosen side's rationale and/or score (status edited; the part
+        not given stays as it is: the earlier edit, else the chosen judgment's own); note only sets the note
+        (any action may also set one). Returns each pair's review as it is after the action."""
+        _check_pair_action(action, who, rationale, score)
+        if status is not None and status not in PAIR_STATUSES:
+            raise StoreError(f"status must be one of {', '.join(PAIR_STATUSES)}, got {status!r}")
+        if pair_ids is not None and status is not None:
+            raise StoreError("give pair ids or a status filter, not both")
         with self._tx() as con:
-            for pid in ids:
-                row = _first(con.execute(
-                    "SELECT p.pair_id, p.run_id, p.iteration, coalesce(r.status, 'auto'), coalesce(r.swapped, false),"
-                    " r.edited_rationale, r.edited_score, r.note FROM pairs p"
-                    " LEFT JOIN pair_reviews r USING (pair_id) WHERE p.pair_id = ?", [pid]))
-                if row is None:
-                    raise StoreError(f"no pair {pid}")
-                before = dict(zip(fields, row))
-                after = dict(before)
-                if action == "accept":
-                    after["status"] = "accepted"
-                elif action == "reject":
-                    after["status"] = "rejected"
-                elif action == "swap":
-                    after["swapped"] = not before["swapped"]
-                    after["status"] = "swapped" if after["swapped"] else "accepted"
-                    after["edited_rationale"], after["edited_score"] = None, None
-                elif action == "edit":
-                    after.update(status="edited", edited_rationale=rationale.strip(), edited_score=int(score))
-                if note is not None:
-                    after["note"] = note
-                con.execute(
-                    "INSERT OR REPLACE INTO pair_reviews (pair_id, run_id, iteration, status, swapped,"
-                    " edited_rationale, edited_score, note, updated_by, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [pid, after["run_id"], after["iteration"], after["status"], after["swapped"],
-                     after["edited_rationale"], after["edited_score"], after["note"], who, _now()],
-                )
-                con.execute(
-                    "INSERT INTO audit_log (who, action, pair_id, run_id, iteration, before, after, note)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [who, action, pid, before["run_id"], before["iteration"], json.dumps(before),
-                     json.dumps(after), note],
-                )
-                out.append(after)
-        return out
+            if pair_ids is None:
+                sql = f"SELECT pair_id FROM ({self._PAIR_VIEW}) WHERE run_id = ? AND iteration = ?"
+                params: list[Any] = [run_id, int(iteration)]
+                if status is not None:
+                    sql += " AND status = ?"
+                    params.append(status)
+                ids = [int(r[0]) for r in con.execute(sql + " ORDER BY pair_id", params).fetchall()]
+            else:
+                ids = [int(p) for p in pair_ids]
+                if ids:
+                    found = {int(r[0]) for r in con.execute(
+                        f"SELECT pair_id FROM pairs WHERE run_id = ? AND iteration = ? AND pair_id IN"
+                        f" ({', '.join(str(i) for i in set(ids))})", [run_id, int(iteration)]).fetchall()}
+                    missing = [i for i in ids if i not in found]
+                    if missing:
+                        raise StoreError(f"no pair {missing[0]} in run {run_id!r} iteration {iteration}")
+            return _apply_pair_action(con, ids, action, who, note=note, rationale=rationale, score=score)
 
     # ------------------------------------------------------------------ reading
 
@@ -452,7 +440,7 @@ class Store:
 
     def runs_using_dataset(self, name: str) -> list[str]:
         """Sorted ids of the runs that use a dataset: their config names it (train_dataset, eval_datasets,
-        seed.sft.dataset) or any of their judgments is of one of its items."""
+        sft.dataset) or any of their judgments is of one of its items."""
         with connect(self.path, self.timeout_s) as con:
             return _runs_using_dataset(con, name)
 
@@ -559,8 +547,8 @@ class Store:
         return self._read(
             "SELECT p.pair_id, p.item_id, p.status, p.strategy, p.margin, p.edited_rationale, p.edited_score,"
             " c.text AS chosen_text, c.score AS chosen_score, r.text AS rejected_text, r.score AS rejected_score,"
-            " i.instruction, i.response, i.reference, i.criteria, i.score1_description, i.score2_description,"
-            " i.score3_description, i.score4_description, i.score5_description, i.gold_score"
+            " i.instruction, i.input, i.response, i.reference, " + ", ".join(f"i.{k}" for k in RUBRIC_KEYS) + ","
+            " i.gold_score"
             f" FROM ({self._PAIR_VIEW}) p JOIN judgments c ON c.judgment_id = p.chosen_id"
             " JOIN judgments r ON r.judgment_id = p.rejected_id JOIN items i ON i.item_id = p.item_id"
             f" WHERE p.run_id = ? AND p.iteration = ? AND p.status IN ({statuses}) ORDER BY p.pair_id",
@@ -690,8 +678,8 @@ class Store:
 def _config_datasets(config: dict) -> set[str]:
     """The dataset names a stored run config refers to."""
     names = {config.get("train_dataset")} | set(config.get("eval_datasets") or [])
-    for key in ("seed", "start"):
-        sft = (config.get(key) or {}).get("sft") if isinstance(config.get(key), dict) else None
+    old_section = config.get("seed")  # configs stored before `seed: {sft: ...}` became `sft: ...`
+    for sft in (config.get("sft"), old_section.get("sft") if isinstance(old_section, dict) else None):
         if isinstance(sft, dict):
             names.add(sft.get("dataset"))
     return {n for n in names if isinstance(n, str)}
@@ -739,6 +727,73 @@ def _save_pairs(con, run_id: str, iteration: int, pairs: pl.DataFrame, report: d
     con.execute("UPDATE iterations SET curate_status = 'done', curate_report = ?, updated_at = ?"
                 " WHERE run_id = ? AND iteration = ?", [json.dumps(report), _now(), run_id, iteration])
     return int(n[0]) if n else 0
+
+
+def _check_pair_action(action: str, who: str, rationale: str | None, score: int | None) -> None:
+    if action not in PAIR_ACTIONS:
+        raise StoreError(f"unknown pair action {action!r}; expected one of {PAIR_ACTIONS}")
+    if action == "edit":
+        if rationale is None and score is None:
+            raise StoreError("edit needs a rationale or a score (or both)")
+        if rationale is not None and not rationale.strip():
+            raise StoreError("edit needs a non-empty rationale")
+        if score is not None and not 1 <= int(score) <= 5:
+            raise StoreError(f"edit needs a score between 1 and 5, got {score!r}")
+    if not who or not who.strip():
+        raise StoreError("every pair action needs who made it")
+
+
+_REVIEW_FIELDS = ("pair_id", "run_id", "iteration", "status", "swapped", "edited_rationale", "edited_score", "note")
+
+
+def _apply_pair_action(con, ids: list[int], action: str, who: str, *, note: str | None, rationale: str | None,
+                       score: int | None) -> list[dict]:
+    """Apply one checked action to `ids` inside the caller's transaction; one review row and audit row each."""
+    out = []
+    for pid in ids:
+        row = _first(con.execute(
+            "SELECT p.pair_id, p.run_id, p.iteration, coalesce(r.status, 'auto'), coalesce(r.swapped, false),"
+            " r.edited_rationale, r.edited_score, r.note, c.rationale, c.score FROM pairs p"
+            " LEFT JOIN pair_reviews r USING (pair_id)"
+            " LEFT JOIN judgments c ON c.judgment_id = CASE WHEN r.swapped THEN p.rejected_id ELSE p.chosen_id END"
+            " WHERE p.pair_id = ?", [pid]))
+        if row is None:
+            raise StoreError(f"no pair {pid}")
+        before = dict(zip(_REVIEW_FIELDS, row[:len(_REVIEW_FIELDS)]))
+        chosen_rationale, chosen_score = row[len(_REVIEW_FIELDS):]
+        after = dict(before)
+        if action == "accept":
+            after["status"] = "accepted"
+        elif action == "reject":
+            after["status"] = "rejected"
+        elif action == "swap":
+            after["swapped"] = not before["swapped"]
+            after["status"] = "swapped" if after["swapped"] else "accepted"
+            after["edited_rationale"], after["edited_score"] = None, None
+        elif action == "edit":
+            text = rationale if rationale is not None else (before["edited_rationale"] or chosen_rationale)
+            value = score if score is not None else (before["edited_score"] or chosen_score)
+            if not text or not str(text).strip():
+                raise StoreError(f"pair {pid}: edit needs a non-empty rationale (the chosen side has none)")
+            if value is None or not 1 <= int(value) <= 5:
+                raise StoreError(f"pair {pid}: edit needs a score between 1 and 5 (the chosen side has {value!r})")
+            after.update(status="edited", edited_rationale=str(text).strip(), edited_score=int(value))
+        if note is not None:
+            after["note"] = note
+        con.execute(
+            "INSERT OR REPLACE INTO pair_reviews (pair_id, run_id, iteration, status, swapped,"
+            " edited_rationale, edited_score, note, updated_by, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [pid, after["run_id"], after["iteration"], after["status"], after["swapped"],
+             after["edited_rationale"], after["edited_score"], after["note"], who, _now()],
+        )
+        con.execute(
+            "INSERT INTO audit_log (who, action, pair_id, run_id, iteration, before, after, note)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [who, action, pid, before["run_id"], before["iteration"], json.dumps(before), json.dumps(after), note],
+        )
+        out.append(after)
+    return out
 
 
 def default_who() -> str:

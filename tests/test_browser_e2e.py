@@ -1,7 +1,7 @@
 """The app end to end in a real headless Chromium: every page renders over a workspace that one tiny-model
 iteration filled, and a pair is audited from the keyboard on the Pairs page, landing in DuckDB.
 
-    make browser                                  # Debian's chromium + chromium-driver, when missing
+    sudo apt-get install chromium chromium-driver  # once (Debian/Ubuntu); .ci/run does it in CI
     pytest tests/test_browser_e2e.py              # screenshots go to the test's tmp dir
     SELFRAT_SCREENSHOTS=docs/screenshots pytest tests/test_browser_e2e.py   # refresh the README's screens
 
@@ -28,7 +28,8 @@ import yaml
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-    pytest.skip("chromium / chromedriver not installed (run `make browser`)", allow_module_level=True)
+    pytest.skip("needs `chromium` and `chromedriver` on PATH: on Debian/Ubuntu `sudo apt-get install chromium "
+                "chromium-driver`", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402  (the dev extra: a missing selenium fails, it does not skip)
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -40,8 +41,8 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from engine.cli import app as cli_app  # noqa: E402
 from engine.demo import demo_data_path  # noqa: E402
+from selfrat.cli import app as cli_app  # noqa: E402
 from store import Store  # noqa: E402
 
 RUN_ID = "e2e"

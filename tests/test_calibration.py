@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from engine.calibration import (
-    expected_calibration_error, expected_scores, mean_entropy, reliability_bins, saturation_warning,
+    expected_calibration_error,
+    expected_scores,
+    mean_entropy,
+    reliability_bins,
+    saturation_warning,
     score_shares,
 )
 

@@ -14,7 +14,6 @@ import pytest
 from engine.config import CurationConfig
 from engine.curation import curate, pair_ids
 
-
 ITEMS = {"x": 1, "nochosen": 2, "norejected": 3, "unscored": 4, "nogold": 5, "ok": 6, "a": 7, "b": 8, "c": 9,
          "d": 10, "e": 11, "tie": 12, "y": 13, "z": 14}
 NAMES = {v: k for k, v in ITEMS.items()}
@@ -397,7 +396,7 @@ def sampled(tmp_path):
 def cli(ws, *args, ok=True):
     from typer.testing import CliRunner
 
-    from engine.cli import app
+    from selfrat.cli import app
 
     result = CliRunner().invoke(app, ["--workspace", str(ws), "curate", "--run", "c", *args])
     if ok:

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
+from selfrat.cli import app
 from store import Store, StoreError, judgment_id
 from store.store import ITEM_COLUMNS, JUDGMENT_COLUMNS, DatasetInUse
 
@@ -171,11 +171,13 @@ def test_runs_using_dataset_by_config_and_by_judgments(ws):
     store = Store.in_workspace(ws)
     store.create_run("train-run", "loop", {"model": "m", "train_dataset": "abs", "eval_datasets": []})
     store.create_run("eval-run", "evaluate", {"model": "m", "eval_datasets": ["pw", "abs"]})
-    store.create_run("sft-run", "loop", {"model": "m", "train_dataset": "other", "seed": {"sft": {"dataset": "abs"}}})
-    store.create_run("other", "loop", {"model": "m", "train_dataset": "other", "seed": {"sft": None}})
+    store.create_run("sft-run", "loop", {"model": "m", "train_dataset": "other", "sft": {"dataset": "abs"}})
+    # A config stored before `seed: {sft: ...}` became `sft: ...` still counts.
+    store.create_run("old-sft-run", "loop", {"model": "m", "train_dataset": "other", "seed": {"sft": {"dataset": "abs"}}})
+    store.create_run("other", "loop", {"model": "m", "train_dataset": "other", "sft": None})
     store.create_run("judged", "loop", {"model": "m", "train_dataset": "gone"})
     store.insert_judgments(judgments("judged", [2]))
-    assert store.runs_using_dataset("abs") == ["eval-run", "judged", "sft-run", "train-run"]
+    assert store.runs_using_dataset("abs") == ["eval-run", "judged", "old-sft-run", "sft-run", "train-run"]
     assert store.runs_using_dataset("pw") == ["eval-run"]
     assert store.runs_using_dataset("nothing") == []
 

@@ -8,6 +8,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
+from store.store import RUBRIC_KEYS
+
 KEYS = {
     "instruction",
     "response",
@@ -25,7 +27,6 @@ KEYS = {
     "topic",
 }
 TEXT_KEYS = KEYS - {"gold_score"}
-RUBRIC_KEYS = ("criteria", *(f"score{k}_description" for k in range(1, 6)))
 SCORES = {1, 2, 3, 4, 5}
 
 

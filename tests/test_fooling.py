@@ -11,13 +11,13 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
 from engine.config import parse_run_config
 from engine.demo import demo_data_path
 from engine.iteration import Runner, create_run
 from engine.sampling import FakeSampler
 from engine.suites import IMPORT_COMMANDS
 from engine.workspace import Workspace
+from selfrat.cli import app
 from store import Store, queries
 
 runner = CliRunner()

@@ -16,11 +16,11 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
 from engine.config import parse_run_config
 from engine.iteration import Runner, create_run
 from engine.sampling import FakeSampler
 from engine.workspace import Workspace
+from selfrat.cli import app
 from store import Store
 
 runner = CliRunner()

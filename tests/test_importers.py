@@ -20,7 +20,6 @@ from engine.importers import (
     ImportResult,
     RowError,
     parse_mapping,
-    parse_prometheus_prompt,
     read_items,
 )
 
@@ -190,33 +189,6 @@ def test_rewardbench_chat_pairwise(shared_data):
     meta = [json.loads(m) for m in auto.items["meta"]]
     assert all(m["section"] == "Chat" and "subset" in m and "id" in m for m in meta)
     assert {m["subset"] for m in meta} >= {"alpacaeval-easy", "mt-bench-easy"}
-
-
-def test_parse_prometheus_prompt_round_trip_and_missing_sections():
-    rubric = (
-        "[Is it kind?]\nScore 1: Rude.\nScore 2: Curt.\nScore 3: Neutral.\nScore 4: Kind.\n"
-        "Score 5: Very kind,\nacross two lines."
-    )
-    prompt = (
-        "###Task Description:\nAn instruction ... Score 1 to 5 ...\n\n"
-        "###The instruction to evaluate:\nGreet me.\n\n###Response to evaluate:\nHello, friend!\n\n"
-        f"###Reference Answer (Score 5):\nHello there, friend!\n\n###Score Rubrics:\n{rubric}\n\n###Feedback: "
-    )
-    got = parse_prometheus_prompt(prompt)
-    assert got == {
-        "instruction": "Greet me.", "response": "Hello, friend!", "reference": "Hello there, friend!",
-        "criteria": "Is it kind?", "score1_description": "Rude.", "score2_description": "Curt.",
-        "score3_description": "Neutral.", "score4_description": "Kind.",
-        "score5_description": "Very kind,\nacross two lines.",
-    }  # fmt: skip
-    no_ref = prompt.replace("###Reference Answer (Score 5):\nHello there, friend!\n\n", "")
-    assert parse_prometheus_prompt(no_ref)["reference"] is None
-    assert parse_prometheus_prompt(no_ref)["response"] == "Hello, friend!"
-    for section in ["###The instruction to evaluate:", "###Response to evaluate:", "###Score Rubrics:"]:
-        with pytest.raises(ValueError, match="no '" + section):
-            parse_prometheus_prompt(prompt.replace(section, "###Something else:"))
-    with pytest.raises(ValueError, match="Score 1:"):
-        parse_prometheus_prompt(prompt.replace("Score 3:", "Level 3:"))
 
 
 # ---------------------------------------------------------------------------------------------------

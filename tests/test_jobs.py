@@ -11,15 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from engine import jobs
-from engine.cli import app
 from engine.config import ConfigError, CurationConfig, RunConfig, parse_run_config
 from engine.demo import demo_data_path, ensure_demo_dataset
 from engine.workspace import Workspace
+from selfrat.cli import app
 from store import Store, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,13 +64,12 @@ def wait_job(ws: Path, run_id: str, timeout_s: float = 150) -> dict:
 
 def group_gone(pgid: int) -> bool:
     """No live process left in the group (a zombie awaiting its reaper is not running anything)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in psutil.process_iter():
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except (OSError, psutil.Error):  # exited while we looked
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return False
     return True
 
 
@@ -93,7 +93,7 @@ def test_launched_run_runs_to_the_end_and_reports(ws, finished):
     job, st = finished["job"], finished["status"]
     cfg_path = ws / "configs" / "base.yaml"
     assert job.argv == jobs.command(ws, ["run", str(cfg_path), "--run-id", "base"])
-    assert job.argv[:3] == [sys.executable, "-m", "engine.cli"]
+    assert job.argv[:3] == [sys.executable, "-m", "selfrat"]
     saved = json.loads((ws / "runs" / "base" / "job.json").read_text())
     assert saved["pid"] == job.pid and saved["argv"] == job.argv and saved["returncode"] == 0
     # The job process is the runner itself (no shell in between): the store recorded its pid.
@@ -158,6 +158,40 @@ def test_cancel_during_sampling_then_next_iteration_completes(ws, tiny_model_dir
     assert judgments.height == items * n  # nothing lost, nothing drawn twice
     assert judgments.select("item_id", "sample_index").unique().height == items * n
     assert store.iteration("cancelme", 1)["train_status"] == "skipped"
+
+
+def test_jobs_and_cancel_commands_on_a_launched_run(ws, tiny_model_dir):
+    """`selfrat jobs` lists what the app's job panel shows, and `selfrat cancel` is its Cancel button."""
+    cfg = tiny_cfg(tiny_model_dir, eval_datasets=[], max_train_items=40, curation={"use_forced": False},
+                   sampling={"n": 2, "batch_size": 1, "max_new_tokens": 16})
+    planned = jobs.launch_run(ws, cfg, "clijob", dry_run=True)  # what the Launch page shows: nothing written
+    assert planned.pid is None and not (ws / "configs" / "clijob.yaml").exists()
+    assert not (ws / "runs" / "clijob").exists()
+    job = jobs.launch_run(ws, cfg, "clijob")
+    assert job.argv == planned.argv
+    wait_until(lambda: (p := jobs.status(ws, "clijob")["progress"]) and p["stage"] == "sample" and p["done"] >= 1,
+               what="sampling to start")
+
+    res = runner.invoke(app, ["--workspace", str(ws), "jobs", "--json"])
+    assert res.exit_code == 0, res.output
+    listed = {j["run_id"]: j for j in json.loads(res.stdout)["jobs"]}
+    assert set(listed) == {"clijob"}
+    mine = listed["clijob"]
+    assert mine["pid"] == job.pid and mine["launched"] is True and mine["argv"] == job.argv
+    assert mine["started_at"] == job.started_at and mine["progress"]["stage"] == "sample"
+    text = runner.invoke(app, ["--workspace", str(ws), "jobs"]).stdout
+    assert text.startswith(f"clijob  pid {job.pid}  iteration 1 sample ") and f"started {job.started_at}" in text
+
+    res = runner.invoke(app, ["--workspace", str(ws), "cancel", "clijob"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "cancelled clijob: `selfrat resume clijob` continues it\n"
+    assert group_gone(job.pid) and jobs.current(ws, "clijob") is None
+    assert jobs.status(ws, "clijob")["run_status"] == "cancelled"
+    assert Store.in_workspace(ws).iteration("clijob", 1)["sample_status"] == "cancelled"
+    assert runner.invoke(app, ["--workspace", str(ws), "jobs"]).stdout == "no jobs running\n"
+    assert runner.invoke(app, ["--workspace", str(ws), "cancel", "clijob"]).stdout == "no job of clijob is running\n"
+    res = runner.invoke(app, ["--workspace", str(ws), "cancel", "nosuchrun"])
+    assert res.exit_code == 2 and "no run 'nosuchrun'" in res.stderr
 
 
 def test_resume_adds_iterations_and_amends_config(ws, finished, tmp_path):
@@ -287,7 +321,7 @@ def test_pair_edits_and_status_reads_while_a_job_writes(ws, finished, tiny_model
     for i, action in enumerate(actions):
         if i % 15 == 0:  # `selfrat status --json` in its own process, overlapping the edits and the job
             readers.append(subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "--workspace", str(ws), "status", "--json"],
+                [sys.executable, "-m", "selfrat", "--workspace", str(ws), "status", "--json"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         pid = pairs[i % len(pairs)]
         kw = {"note": f"note {i}"} if action == "note" else {}
@@ -330,24 +364,20 @@ def test_jobs_module_stays_light():
 
 
 def test_app_command_execs_streamlit_with_the_workspace(tmp_path, monkeypatch):
-    import engine.cli
-    import ui
+    import selfrat.cli
 
-    fake_ui = tmp_path / "ui"
-    fake_ui.mkdir()
-    (fake_ui / "app.py").write_text("import streamlit as st\nst.write('hi')\n")
-    monkeypatch.setattr(ui, "__file__", str(fake_ui / "__init__.py"))
     seen = {}
 
     def fake_exec(file, argv, env):
         seen.update(file=file, argv=argv, env=env, cwd=os.getcwd())
         raise SystemExit(0)
 
-    monkeypatch.setattr(engine.cli.os, "execvpe", fake_exec)
+    monkeypatch.setattr(selfrat.cli.os, "execvpe", fake_exec)
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(app, ["app", "--port", "8765", "--workspace", "rel_ws"])
     assert res.exit_code == 0, res.output
-    assert seen["argv"] == [sys.executable, "-m", "streamlit", "run", str(fake_ui / "app.py"),
+    # The app is found by module name (ui.app), not by a path computed from the engine.
+    assert seen["argv"] == [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"),
                             "--server.address", "127.0.0.1", "--server.port", "8765", "--server.headless", "true",
                             "--browser.gatherUsageStats", "false"]
     assert seen["env"]["SELFRAT_HOME"] == str(tmp_path / "rel_ws")  # absolute: the cwd changes
@@ -363,7 +393,7 @@ def test_app_command_serves_the_real_app(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "app", "--port", str(port), "--workspace",
+    proc = subprocess.Popen([sys.executable, "-m", "selfrat", "app", "--port", str(port), "--workspace",
                              str(tmp_path / "ws")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -373,10 +403,9 @@ def test_app_command_serves_the_real_app(tmp_path):
             except OSError:
                 return False
         wait_until(healthy, 60, "the app to answer", every=0.25)
-        cmd = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"streamlit" in cmd and b"run" in cmd  # exec'd in place: the pid we started is streamlit
-        env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
-        assert f"SELFRAT_HOME={tmp_path / 'ws'}".encode() in env
+        cmd = psutil.Process(proc.pid).cmdline()
+        assert "streamlit" in cmd and "run" in cmd  # exec'd in place: the pid we started is streamlit
+        assert psutil.Process(proc.pid).environ()["SELFRAT_HOME"] == str(tmp_path / "ws")
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
@@ -384,7 +413,7 @@ def test_app_command_serves_the_real_app(tmp_path):
 
 @pytest.mark.slow
 def test_demo_prepare_only_builds_everything_but_runs_nothing(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "engine.cli", "--workspace", str(tmp_path / "ws"), "demo",
+    res = subprocess.run([sys.executable, "-m", "selfrat", "--workspace", str(tmp_path / "ws"), "demo",
                           "--prepare-only"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     store = Store.in_workspace(tmp_path / "ws")

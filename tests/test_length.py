@@ -9,7 +9,10 @@ import pytest
 from scipy import stats
 
 from engine.length import (
-    length_baseline_pairwise, length_baseline_scores, pairwise_by_length, partial_correlation,
+    length_baseline_pairwise,
+    length_baseline_scores,
+    pairwise_by_length,
+    partial_correlation,
     similar_length_pair_accuracy,
 )
 from engine.metrics import absolute_metrics

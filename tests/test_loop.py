@@ -15,8 +15,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from engine.cli import app
 from engine.demo import demo_data_path
+from selfrat.cli import app
 from store import Store
 
 runner = CliRunner()
@@ -133,7 +133,7 @@ def test_resume_after_sigkill_during_sampling(loaded_ws, tiny_model_dir, tmp_pat
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "SELFRAT_HOME": str(ws)}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg_path), "--run-id", "killed"],
+    proc = subprocess.Popen([sys.executable, "-m", "selfrat", "run", str(cfg_path), "--run-id", "killed"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = Store.in_workspace(ws)
     deadline = time.monotonic() + 180

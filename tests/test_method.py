@@ -13,12 +13,12 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
 from engine.config import parse_run_config
 from engine.demo import demo_data_path
 from engine.iteration import Runner, create_run, run_single_stage
 from engine.sampling import FakeSampler
 from engine.workspace import Workspace
+from selfrat.cli import app
 from store import Store, StoreError
 
 runner = CliRunner()
@@ -102,7 +102,7 @@ def test_contaminated_run_is_refused_and_allowed_runs_never_train_on_overlap(ws,
 def test_seed_sft_items_are_checked_too(ws, tmp_path, tiny_model_dir):
     leaked = demo_items(ws, "eval").head(2)
     cli(ws, "import", str(leak_file(tmp_path, leaked)), "--dataset", "leak", "--split", "eval")
-    cfg = config(tiny_model_dir, eval_datasets=["leak"], seed={"sft": {"dataset": "demo", "split": "all"}})
+    cfg = config(tiny_model_dir, eval_datasets=["leak"], sft={"dataset": "demo", "split": "all"})
     with pytest.raises(StoreError, match=r"2 sft items of 'demo' \(split all\)"):
         create_run(Workspace.open(ws), parse_run_config(cfg))
 
@@ -215,8 +215,7 @@ def test_standalone_evaluate_method_self_consistency(ws, tiny_model_dir):
 def test_seed_sft_becomes_the_judge_of_iteration_zero_and_single_stage_baseline(ws, tiny_model_dir):
     w = Workspace.open(ws)
     cfg = config(tiny_model_dir, iterations=1, train_items_per_iteration=3, max_eval_items=4,
-                 seed={"sft": {"dataset": "demo", "max_items": 4, "epochs": 1, "learning_rate": 1e-3,
-                               "max_length": 768}},
+                 sft={"dataset": "demo", "max_items": 4, "epochs": 1, "learning_rate": 1e-3, "max_length": 768},
                  curation={"min_margin": 1, "max_pairs_per_item": 1},
                  training={"epochs": 1, "batch_size": 4, "max_length": 768, "learning_rate": 1e-4})
     rid = create_run(w, parse_run_config(cfg), "sft")
@@ -244,7 +243,7 @@ def test_seed_sft_becomes_the_judge_of_iteration_zero_and_single_stage_baseline(
     child = store.run_status(f"{rid}-single-stage")
     assert child["status"] == "done" and len(child["iterations"]) == 2
     child_cfg = store.run(f"{rid}-single-stage")["config"]
-    assert child_cfg["model"] == str(sft_dir) and child_cfg["seed"]["sft"] is None
+    assert child_cfg["model"] == str(sft_dir) and child_cfg["sft"] is None
     assert child["iterations"][0]["stages"]["evaluate"] == "skipped"  # J_SFT was evaluated by the parent
     parent0 = store.run_status(rid)["iterations"][0]["metrics"]["demo"]
     assert parent0["single-stage-dpo/exact"] == single["demo"]["exact"]

@@ -12,8 +12,15 @@ from scipy import stats
 
 from engine import metrics as metrics_module
 from engine.metrics import (
-    absolute_metrics, bootstrap_proportion, confusion_matrix, pairwise_metrics, pairwise_outcomes,
-    resampled_correlations, section_mean_accuracy,
+    absolute_metrics,
+    bootstrap_mean,
+    confusion_matrix,
+    pairwise_metrics,
+    pairwise_outcomes,
+    percentile_bootstrap,
+    resampled_correlations,
+    round_half_up,
+    section_mean_accuracy,
 )
 
 
@@ -250,5 +257,44 @@ def test_accuracy_interval():
     m = pairwise_metrics(chosen, rejected, bootstrap=1000, seed=0)
     assert m["accuracy_lo"] < 0.75 < m["accuracy_hi"]
     assert 0.55 < m["accuracy_lo"] and m["accuracy_hi"] < 0.9  # binomial sd = sqrt(.75 * .25 / 40) = 0.068
-    assert bootstrap_proportion(30, 40, 1000, 0) == (m["accuracy_lo"], m["accuracy_hi"])
+    assert bootstrap_mean([1.0] * 30 + [0.0] * 10, 1000, 0) == (m["accuracy_lo"], m["accuracy_hi"])
     assert "accuracy_lo" not in pairwise_metrics(chosen, rejected)
+
+
+def test_percentile_bootstrap_is_seeded_chunked_and_skips_undefined_resamples(monkeypatch):
+    values = np.arange(50, dtype=float)
+
+    def stats_of(idx):
+        mean = values[idx].mean(axis=1)
+        return {"mean": mean, "never": np.full(len(mean), np.nan)}
+
+    a = percentile_bootstrap(stats_of, 50, bootstrap=500, seed=3)
+    assert a == percentile_bootstrap(stats_of, 50, bootstrap=500, seed=3)
+    assert a["mean"] != percentile_bootstrap(stats_of, 50, bootstrap=500, seed=4)["mean"]
+    assert a["mean"][0] < values.mean() < a["mean"][1]
+    assert all(math.isnan(v) for v in a["never"])  # no resample defines it
+    monkeypatch.setattr(metrics_module, "_CHUNK_CELLS", 120)  # two resamples per chunk: same draws, same interval
+    assert percentile_bootstrap(stats_of, 50, bootstrap=500, seed=3)["mean"] == a["mean"]
+    assert percentile_bootstrap(stats_of, 0, bootstrap=500, seed=3) == {}
+    assert percentile_bootstrap(stats_of, 50, bootstrap=0, seed=3) == {}
+    assert all(math.isnan(v) for v in bootstrap_mean([], 100, 0))
+
+
+HALVES = [-0.5, 0.5, 1.5, 2.5, 3.5, 4.5, 2.4999999, 2.5000001, 3.0, 1.25, 4.75]
+
+
+def test_round_half_up_goes_up_on_every_half():
+    assert [round_half_up(x) for x in HALVES] == [0, 1, 2, 3, 4, 5, 2, 3, 3, 1, 5]
+    assert round(2.5) == 2  # why the rule exists: Python rounds half to even
+    assert round_half_up(np.array(HALVES)).tolist() == [float(round_half_up(x)) for x in HALVES]
+
+
+def test_round_half_up_agrees_with_the_stores_sql_rule():
+    # The store may not import the engine, so it spells the rule in SQL; the two copies must agree.
+    import duckdb
+
+    from store.queries import GOLD
+
+    sql = GOLD.replace("i.gold_score", "x")
+    rows = duckdb.sql(f"SELECT x, {sql} AS r FROM (SELECT unnest(?::DOUBLE[]) AS x)", params=[HALVES]).fetchall()
+    assert {x: int(r) for x, r in rows} == {x: round_half_up(x) for x in HALVES}

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import engine.models as models
+from engine.config import SamplingConfig
+from engine.devices import check_device, resolve_device
 from engine.models import (
     EMBEDDED_DIRNAME,
     MARKER_FILE,
@@ -20,7 +22,6 @@ from engine.models import (
     embedded_gguf,
     ensure_embedded_checkpoint,
     load_model_and_tokenizer,
-    pick_device,
     resolve_model,
 )
 
@@ -73,10 +74,22 @@ def test_embedded_gguf_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_devices_and_dtypes():
-    assert pick_device("cpu") == "cpu"
-    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError):
-        pick_device("tpu")
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps"):
+        assert check_device(name) == name
+        assert SamplingConfig(device=name).device == name  # the config accepts what the loaders accept
+    for bad in ("tpu", "cuda:", "cuda:x", "CUDA", "gpu", ""):
+        with pytest.raises(ValueError, match="expected auto"):
+            check_device(bad)
+        with pytest.raises(ValueError):
+            SamplingConfig(device=bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda:1")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
     assert default_dtype("cpu") == torch.float32
     assert default_dtype("cuda") == torch.bfloat16
 
@@ -155,6 +168,8 @@ _RACER = r"""
 import json, sys, time
 from pathlib import Path
 import engine.models as models
+from engine.config import SamplingConfig
+from engine.devices import check_device, resolve_device
 
 def build(out):
     with open(sys.argv[1], "a") as f:

@@ -18,6 +18,8 @@ from engine.prompts import (
     Rubric,
     absolute_messages,
     format_judgment,
+    instruction_text,
+    parse_prometheus_prompt,
     relative_messages,
     render_absolute,
     render_relative,
@@ -183,3 +185,53 @@ def test_format_judgment_round_trip_any_rationale(rationale, score):
     mode = "relative" if isinstance(score, str) else "absolute"
     j = parse_judgment(format_judgment(rationale, score), mode=mode)
     assert (j.score, j.status, j.rationale) == (score, ParseStatus.OK, rationale.strip())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a rendered prompt back (the inverse of ABSOLUTE_TEMPLATE, used to import Prometheus eval sets)
+
+
+@pytest.mark.parametrize("with_input", [False, True], ids=["no-input", "input"])
+@pytest.mark.parametrize("with_reference", [False, True], ids=["no-reference", "reference"])
+def test_render_then_parse_gives_the_item_back(with_input, with_reference):
+    item = {**ITEM, "instruction": "Summarise the text below.\nKeep it to {two} sentences.",
+            "response": "Plants make sugar from light.\n\nThey also release oxygen.",
+            "input": "Photosynthesis converts light energy into chemical energy ..." if with_input else None,
+            "reference": ITEM["reference"] if with_reference else None}
+    got = parse_prometheus_prompt(absolute_messages(item)[1]["content"])
+    assert got == {
+        "instruction": instruction_text(item),  # the input sits inside the instruction section
+        "response": item["response"],
+        "reference": item["reference"],
+        "criteria": RUBRIC.criteria,
+        **{f"score{k}_description": d for k, d in enumerate(RUBRIC.descriptions, start=1)},
+    }
+    if with_input:
+        assert got["instruction"].endswith("Input:\n" + item["input"])
+
+
+def test_parse_prometheus_prompt_reads_a_hand_written_prompt_and_names_missing_sections():
+    rubric = (
+        "[Is it kind?]\nScore 1: Rude.\nScore 2: Curt.\nScore 3: Neutral.\nScore 4: Kind.\n"
+        "Score 5: Very kind,\nacross two lines."
+    )
+    prompt = (
+        "###Task Description:\nAn instruction ... Score 1 to 5 ...\n\n"
+        "###The instruction to evaluate:\nGreet me.\n\n###Response to evaluate:\nHello, friend!\n\n"
+        f"###Reference Answer (Score 5):\nHello there, friend!\n\n###Score Rubrics:\n{rubric}\n\n###Feedback: "
+    )
+    got = parse_prometheus_prompt(prompt)
+    assert got == {
+        "instruction": "Greet me.", "response": "Hello, friend!", "reference": "Hello there, friend!",
+        "criteria": "Is it kind?", "score1_description": "Rude.", "score2_description": "Curt.",
+        "score3_description": "Neutral.", "score4_description": "Kind.",
+        "score5_description": "Very kind,\nacross two lines.",
+    }  # fmt: skip
+    no_ref = prompt.replace("###Reference Answer (Score 5):\nHello there, friend!\n\n", "")
+    assert parse_prometheus_prompt(no_ref)["reference"] is None
+    assert parse_prometheus_prompt(no_ref)["response"] == "Hello, friend!"
+    for section in ["###The instruction to evaluate:", "###Response to evaluate:", "###Score Rubrics:"]:
+        with pytest.raises(ValueError, match="no '" + section):
+            parse_prometheus_prompt(prompt.replace(section, "###Something else:"))
+    with pytest.raises(ValueError, match="Score 1:"):
+        parse_prometheus_prompt(prompt.replace("Score 3:", "Level 3:"))

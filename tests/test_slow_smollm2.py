@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
 from engine.demo import demo_data_path
+from selfrat.cli import app
 from store import Store
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 
 from store import Store, StoreError, judgment_id
 from store.migrations import LATEST, MIGRATIONS, migrate
-from store.store import ITEM_COLUMNS, JUDGMENT_COLUMNS
+from store.store import ITEM_COLUMNS, JUDGMENT_COLUMNS, RUBRIC_KEYS
 
 
 def make_items(dataset: str, n: int, kind: str = "absolute") -> pl.DataFrame:
@@ -133,6 +133,8 @@ def test_pair_actions_write_audit_rows_and_training_sees_human_decisions(tmp_pat
     train = store.training_pairs("r", 1)
     assert train["pair_id"].to_list() == [100]
     assert train["chosen_score"].to_list() == [4]
+    # Everything absolute_messages reads, so the DPO prompt is the prompt the judgment was sampled with.
+    assert {"instruction", "input", "response", "reference", *RUBRIC_KEYS} <= set(train.columns)
     store.apply_pair_action(100, "edit", "alice", rationale="Better rationale.", score=2)
     row = store.training_pairs("r", 1).row(0, named=True)
     assert (row["status"], row["edited_rationale"], row["edited_score"]) == ("edited", "Better rationale.", 2)

@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
 from engine.sxs import Spec, default_key_path, export_sheet, parse_spec, read_key, score_sheets
 from engine.workspace import Workspace
+from selfrat.cli import app
 from store import judgment_id
 from store.store import ITEM_COLUMNS, JUDGMENT_COLUMNS
 

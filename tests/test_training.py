@@ -133,14 +133,14 @@ def test_second_call_is_a_noop(trained, tiny_model_dir):
     assert not any(line.startswith("step ") for line in lines)
 
 
-def test_seed_reference_is_used(trained, tiny_model_dir, tmp_path):
-    """Iteration 2 with `reference: seed`: policy = iteration 1's checkpoint, reference = the seed. The
-    policy already prefers the chosen judgments over the seed, so the very first step's margin is positive
-    (with a copy of the policy as reference it would be exactly 0)."""
+def test_initial_reference_is_used(trained, tiny_model_dir, tmp_path):
+    """Iteration 2 with `reference: initial`: policy = iteration 1's checkpoint, reference = the initial
+    judge. The policy already prefers the chosen judgments over the initial judge, so the very first step's
+    margin is positive (with a copy of the policy as reference it would be exactly 0)."""
     policy, _, _ = trained
     out = tmp_path / "iter2"
     lines: list[str] = []
-    cfg = FAST.model_copy(update={"epochs": 1.0, "batch_size": 4, "reference": "seed"})
+    cfg = FAST.model_copy(update={"epochs": 1.0, "batch_size": 4, "reference": "initial"})
     metrics = train_dpo(
         policy_path=str(policy), reference_path=str(tiny_model_dir), pairs=PAIRS, cfg=cfg, out_dir=out,
         device="cpu", log=lines.append,

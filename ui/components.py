@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from engine import jobs
+from engine.metrics import round_half_up
 from ui import state
 
 LOG_LINES = 12
@@ -71,7 +72,5 @@ def gold_label(gold) -> str:
 
 
 def rounded_gold(gold) -> int | None:
-    """Rounded half up, as curation and the queries round it."""
-    import math
-
-    return None if gold is None else int(math.floor(float(gold) + 0.5))
+    """Rounded half up (engine.metrics.round_half_up), as curation and the queries round it."""
+    return None if gold is None else round_half_up(float(gold))

@@ -10,14 +10,13 @@ dropped when a page that does not render the widget runs, plain keys survive pag
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from engine.workspace import Workspace
+from engine.workspace import Workspace, default_workspace
 from store import Store, default_who, queries
 
 RUN_KEY = "run_id"
@@ -26,7 +25,7 @@ WHO_KEY = "who"
 
 
 def workspace_path() -> Path:
-    return Path(os.environ.get("SELFRAT_HOME") or "./.selfrat").resolve()
+    return default_workspace().resolve()
 
 
 def workspace() -> Workspace:

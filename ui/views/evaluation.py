@@ -8,12 +8,11 @@ import plotly.express as px
 import polars as pl
 import streamlit as st
 
+from engine.metrics import HEADLINE_METRICS
 from store import queries
 from ui import state
 
-HEADLINE = ("pearson", "spearman", "kendall", "exact", "within1", "partial_pearson", "similar_length_accuracy",
-            "accuracy", "section_mean_accuracy", "accuracy_chosen_longer", "accuracy_chosen_shorter", "tie_rate",
-            "position_consistency", "ece", "mean_entropy", "parse_failure_rate", "n")
+HEADLINE = (*HEADLINE_METRICS, "n")  # and how many items each figure is over
 
 st.title("Evaluation")
 

@@ -1,7 +1,8 @@
 """Launch: a new run, or the next iteration of a selected run, started as a separate `selfrat` process.
 
 Like LLaMA-Factory's runner, in fixed steps: read the form, validate it with `RunConfig` (each bad field
-named, nothing launched on error), show the exact command, then `engine.jobs` starts the CLI. Above the
+named, nothing launched on error), show the exact command (engine.jobs' own dry run of the launch), then
+`engine.jobs` starts the CLI. Above the
 launch button, a what-if preview runs the form's curation settings on the selected run's latest sampled
 iteration (writing nothing).
 """
@@ -198,26 +199,34 @@ try:
 except ValidationError as e:
     errors += field_errors(e)
 
-if next_mode:
-    nxt = jobs.done_iterations(state.store(), selected) + 1
-    # The arguments jobs.launch_next_iteration / jobs.launch_run build (config files under configs/).
-    args = ["resume", selected, "--iterations", str(nxt),
-            "--config", str(ws / "configs" / f"{selected}-iter{nxt}.yaml")]
-else:
-    args = ["run", str(ws / "configs" / f"{run_id}.yaml"), "--run-id", run_id]
+
+def launch(dry_run: bool) -> jobs.Job:
+    """The one engine.jobs call behind both the command shown and the Launch button (dry_run: the same
+    checks and argv, nothing written or started)."""
+    if next_mode:
+        return jobs.launch_next_iteration(ws, selected, cfg, dry_run=dry_run)
+    return jobs.launch_run(ws, cfg, run_id, dry_run=dry_run)
+
+
+planned = None
+if not errors and cfg is not None:
+    try:
+        planned = launch(dry_run=True)
+    except (StoreError, ConfigError, jobs.JobRunning) as e:
+        errors.append(str(e))
 
 if errors:
     st.error("Fix these before launching:\n\n" + "\n".join(f"- {e}" for e in errors))
 else:
     st.caption("The Launch button runs:")
-    st.code(shlex.join(jobs.command(ws, args)), language="bash")
+    st.code(shlex.join(planned.argv), language="bash")
 
 if launch_clicked:
     if errors or cfg is None:
         st.warning("Nothing was launched.")
     else:
         try:
-            job = jobs.launch_next_iteration(ws, selected, cfg) if next_mode else jobs.launch_run(ws, cfg, run_id)
+            job = launch(dry_run=False)
         except jobs.JobRunning as e:
             st.error(str(e))
         except (StoreError, ConfigError, ValueError) as e:

@@ -7,10 +7,9 @@ import plotly.express as px
 import polars as pl
 import streamlit as st
 
+from engine.metrics import HEADLINE_METRICS
 from store import queries
 from ui import components, state
-
-METRICS = ("pearson", "spearman", "kendall", "exact", "within1", "accuracy", "parse_failure_rate")
 
 st.title("Overview")
 
@@ -44,7 +43,7 @@ if metrics.height == 0:
 else:
     # Each iteration's own figures; baselines ('<method>/<metric>') and intervals are on the Evaluation page.
     available = sorted({m for m in metrics["metric"].to_list() if "/" not in m and not m.endswith(("_lo", "_hi"))})
-    default = [m for m in METRICS if m in available] or available[:3]
+    default = [m for m in HEADLINE_METRICS if m in available] or available[:3]
     picked = st.multiselect("Metrics", available, default=default, key="overview_metrics")
     datasets = sorted(set(metrics["dataset"].to_list()))
     cols = st.columns(min(len(datasets), 2) or 1)

@@ -1,24 +1,23 @@
 """Pairs: review an iteration's curated preference pairs one at a time (keyboard-driven), edit the chosen
 side, leave notes, bulk accept/reject the current filter, and read the audit history.
 
-Every action is one `Store.apply_pair_action` call (one transaction with its audit rows) made with the
-sidebar's "who"; the read cache is cleared afterwards so the next run shows the new state.
+Every action is one `Store.review_pairs` call (one transaction with its audit rows) made with the
+sidebar's "who", the same call `selfrat pairs accept|reject|swap|edit|note` makes; the read cache is cleared
+afterwards so the next run shows the new state.
 """
 
 from __future__ import annotations
 
-import re
-
 import polars as pl
 import streamlit as st
 
+from engine.parsing import parse_judgment
 from store import PAIR_STATUSES, StoreError, queries
 from ui import components, state
 
 ALL = "all"
 INDEX_KEY = "pair_index"
 FLASH_KEY = "_pairs_flash"
-_RESULT_TAIL = re.compile(r"\s*\[RESULT\]\s*\S*\s*$")  # the score marker, re-added from the score on training
 
 st.title("Pairs")
 
@@ -60,15 +59,18 @@ pair = page.row(0, named=True)
 pair_id = int(pair["pair_id"])
 
 
-def act(ids, action: str, advance: bool = False, **kw) -> None:
-    """A review action (button callback: runs before the rerun that shows its result)."""
+def act(pair_ids: list[int] | None, action: str, advance: bool = False, **kw) -> None:
+    """A review action through `Store.review_pairs`, the write `selfrat pairs ACTION` makes: the given pairs,
+    or with None every pair under the status filter, picked at click time (a button callback: it runs
+    before the rerun that shows its result)."""
     try:
-        state.store().apply_pair_action(ids, action, state.who(), **kw)
+        reviews = state.store().review_pairs(run_id, iteration, action, state.who(), pair_ids,
+                                             status=status if pair_ids is None else None, **kw)
     except StoreError as e:
         st.session_state[FLASH_KEY] = ("error", str(e))
         return
     state.clear()
-    n = len(ids) if isinstance(ids, list) else 1
+    n = len(reviews)
     st.session_state[FLASH_KEY] = ("success", f"{action} ({n} pair{'s' if n != 1 else ''}) by {state.who()}")
     # A pair that leaves the filter makes room for the next one at the same index; otherwise step on.
     if advance and status in (None, {"accept": "accepted", "reject": "rejected"}.get(action)):
@@ -91,11 +93,11 @@ st.caption(f"pair {pair_id} · item {pair['item_id']} · status **{pair['status'
            + (f" · last by {pair['updated_by']} at {pair['updated_at']:%Y-%m-%d %H:%M}" if pair["updated_by"] else ""))
 
 b = st.columns(5)
-b[0].button("Accept", key="p_accept", shortcut="a", type="primary", on_click=act, args=(pair_id, "accept", True),
+b[0].button("Accept", key="p_accept", shortcut="a", type="primary", on_click=act, args=([pair_id], "accept", True),
             help="Keep this pair for training (a)")
-b[1].button("Reject", key="p_reject", shortcut="x", on_click=act, args=(pair_id, "reject", True),
+b[1].button("Reject", key="p_reject", shortcut="x", on_click=act, args=([pair_id], "reject", True),
             help="Leave this pair out of training (x; 'r' is reserved by Streamlit)")
-b[2].button("Swap", key="p_swap", shortcut="s", on_click=act, args=(pair_id, "swap"),
+b[2].button("Swap", key="p_swap", shortcut="s", on_click=act, args=([pair_id], "swap"),
             help="Exchange chosen and rejected (s)")
 b[3].button("Prev", key="p_prev", shortcut="k", on_click=move, args=(-1,), disabled=index == 0, help="k")
 b[4].button("Next", key="p_next", shortcut="j", on_click=move, args=(1,), disabled=index >= total - 1, help="j")
@@ -136,23 +138,23 @@ rev = f"{pair_id}_{pair['updated_at']:%Y%m%d%H%M%S%f}" if pair["updated_at"] els
 edit_keys = (f"p_edit_rationale_{rev}", f"p_edit_score_{rev}", f"p_note_{rev}")
 with edit_col.form(f"edit_{rev}"):
     st.markdown("**Edit the chosen side** (status becomes edited)")
-    base = pair["edited_rationale"] or _RESULT_TAIL.sub("", pair["chosen_text"] or "")
+    # The rationale without its score form: training writes the score back from the edited score.
+    base = pair["edited_rationale"] or parse_judgment(pair["chosen_text"] or "").rationale
     default_score = pair["edited_score"] or components.rounded_gold(pair["gold_score"]) or pair["chosen_score"] or 3
     st.text_area("Rationale", value=base, key=edit_keys[0], height=160)
     st.number_input("Score", min_value=1, max_value=5, value=int(default_score), step=1, key=edit_keys[1])
     st.form_submit_button("Save edit", on_click=lambda: act(
-        pair_id, "edit", rationale=st.session_state[edit_keys[0]], score=int(st.session_state[edit_keys[1]])))
+        [pair_id], "edit", rationale=st.session_state[edit_keys[0]], score=int(st.session_state[edit_keys[1]])))
 with note_col.form(f"note_{rev}"):
     st.markdown("**Note** (kept with the pair; status unchanged)")
     st.text_input("Note", value=pair["note"] or "", key=edit_keys[2])
-    st.form_submit_button("Save note", on_click=lambda: act(pair_id, "note", note=st.session_state[edit_keys[2]]))
+    st.form_submit_button("Save note", on_click=lambda: act([pair_id], "note", note=st.session_state[edit_keys[2]]))
 
 # ------------------------------------------------------------------ bulk
 
 
 def bulk(action: str) -> None:
-    # Ids read fresh (not cached) at click time: exactly the pairs the filter holds now.
-    act(queries.pair_ids(state.store(), run_id, iteration, status), action)
+    act(None, action)  # every pair the filter holds at click time, as `selfrat pairs ACTION --all --status S`
     st.session_state["p_bulk_confirm"] = False  # one confirmation, one bulk action
 
 

@@ -1,18 +1,25 @@
-"""`selfrat`: every step the app can start, as a command.
+"""`selfrat`: every step the app can start, as a command; the composition root of the three rooms.
 
     selfrat import data.jsonl --dataset mydata --preset feedback-collection
     selfrat run config.yaml --run-id first
     selfrat status first --json
+    selfrat pairs list --run first --iteration 1 --status auto
+    selfrat pairs accept --run first --iteration 1 123 456 --who alice
+    selfrat jobs; selfrat cancel first
     selfrat export first --iteration 1 --out pairs/
     selfrat demo
 
-Each command validates its input, calls one engine function and returns an exit code (0 ok, 2 bad input,
-130 cancelled). Heavy libraries (torch, TRL) are imported inside the commands that need them.
+Each command parses its options, calls one engine (or store) function and prints what it returns. Errors
+go through `cli_command`: the project's own (`SelfratError`) become one `error: ...` line and exit 2, a
+cancel (SIGTERM / Ctrl-C) `cancelled` and exit 130; anything else is a bug and keeps its traceback. This
+module may import engine, store and ui; none of them imports it. Heavy libraries (torch, TRL) are imported
+inside the engine functions that need them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -21,63 +28,51 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
+
+from engine import jobs, runs
+from engine.config import format_validation_error
+from engine.metrics import HEADLINE_METRICS
+from engine.workspace import Workspace
+from store import PAIR_STATUSES, Cancelled, SelfratError, UsageError, default_who, queries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Self-rationalizing LLM judges: import, sample, curate, train (DPO), evaluate.")
 
 WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", envvar="SELFRAT_HOME",
                                                       help="Workspace dir (default $SELFRAT_HOME, else ./.selfrat).")]
-_state: dict = {}
 
 
 @app.callback()
-def _main(workspace: WorkspaceOpt = None) -> None:
-    _state["workspace"] = workspace
+def _main(ctx: typer.Context, workspace: WorkspaceOpt = None) -> None:
+    ctx.obj = workspace  # every command opens it through _ws(ctx)
 
 
-def _ws():
-    from engine.workspace import Workspace
+def _ws(ctx: typer.Context) -> Workspace:
+    return Workspace.open(ctx.obj)
 
-    return Workspace.open(_state.get("workspace"))
+
+def cli_command(fn):
+    """A command body's errors as exit codes: a `SelfratError` (or a config that does not validate) is one
+    `error: <message>` on stderr and exit 2; a cancel (`Cancelled` from the runner's signal handler, or
+    Ctrl-C) is `cancelled` and exit 130. Any other exception is a bug: it keeps its traceback."""
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SelfratError as e:
+            _fail(str(e))
+        except ValidationError as e:
+            _fail(format_validation_error(e, "options"))
+        except (Cancelled, KeyboardInterrupt):
+            typer.echo("cancelled", err=True)
+            raise typer.Exit(130) from None
+    return command
 
 
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
-
-
-def _user_errors():
-    from engine.config import ConfigError
-    from engine.importers import ImportFailed
-    from store import StoreBusy, StoreError
-
-    # NotImplementedError: a backend that is not there yet (vLLM) is a usage error, not a crash.
-    return (ConfigError, ImportFailed, StoreError, StoreBusy, FileNotFoundError, ValueError, NotImplementedError)
-
-
-def _guard(fn):
-    """Run a command body, turning expected failures into a one-line error and exit code."""
-    try:
-        return fn()
-    except _user_errors() as e:
-        _fail(str(e))
-    except Exception as e:
-        # Only a runner raises Cancelled, and it imported engine.iteration (torch) to do so: light commands
-        # (`status`, polled by scripts while a job runs) must not pay for that import.
-        iteration = sys.modules.get("engine.iteration")
-        if iteration is not None and isinstance(e, iteration.Cancelled):
-            typer.echo("cancelled", err=True)
-            raise typer.Exit(130)
-        raise
-
-
-@contextlib.contextmanager
-def _errors():
-    """Expected failures inside the block become a one-line error and exit 2."""
-    try:
-        yield
-    except _user_errors() as e:
-        _fail(str(e))
 
 
 # ------------------------------------------------------------------ data
@@ -92,7 +87,9 @@ Without --split, items go to the split named by a split column, else to train.""
 
 
 @app.command("import", epilog=_IMPORT_EPILOG)
+@cli_command
 def import_(
+    ctx: typer.Context,
     path: Annotated[str, typer.Argument(help="JSONL/JSON/CSV/TSV/Parquet file (JSON and Parquet are recognised "
                                              "by content), a saved datasets dir, or a hub id.")],
     dataset: Annotated[str, typer.Option(help="Name to import into.")],
@@ -131,14 +128,13 @@ def import_(
 
     committed = False
     try:
-        with _errors():
-            report = import_file(
-                _ws().store(), path, dataset=dataset, preset=preset, mapping=parse_mapping(map_),
-                constants=parse_constants(set_), label_majority=label_majority.split(",") if label_majority else None,
-                split=split, label_a=label_a, label_b=label_b, label_tie=label_tie, skip_invalid=skip_invalid,
-                on_conflict=on_conflict, encoding=encoding, replace=replace, force=force,
-            )
-            committed = True
+        report = import_file(
+            _ws(ctx).store(), path, dataset=dataset, preset=preset, mapping=parse_mapping(map_),
+            constants=parse_constants(set_), label_majority=label_majority.split(",") if label_majority else None,
+            split=split, label_a=label_a, label_b=label_b, label_tie=label_tie, skip_invalid=skip_invalid,
+            on_conflict=on_conflict, encoding=encoding, replace=replace, force=force,
+        )
+        committed = True
     except KeyboardInterrupt:
         what = "the import was committed before the interrupt" if committed else \
             f"nothing was written: dataset {dataset!r} is as it was"
@@ -189,11 +185,12 @@ app.add_typer(datasets_app, name="datasets")
 
 
 @datasets_app.callback(invoke_without_command=True)
+@cli_command
 def datasets(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List imported datasets with item counts per split."""
     if ctx.invoked_subcommand is not None:
         return
-    frame = _ws().store().datasets()
+    frame = _ws(ctx).store().datasets()
     if as_json:
         typer.echo(_strict_json({"datasets": frame.drop("created_at").to_dicts()}))
     elif frame.height == 0:
@@ -234,7 +231,9 @@ _SHOWN_FIELDS = ("instruction", "input", "response", "response_b", "label", "gol
 
 
 @datasets_app.command("show")
+@cli_command
 def datasets_show(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Dataset name.")],
     limit: Annotated[int, typer.Option(min=0, help="First N items in source order (0 = all).")] = 5,
     split: Annotated[Optional[str], typer.Option(help="train | eval only.")] = None,
@@ -243,77 +242,70 @@ def datasets_show(
 ) -> None:
     """The items as stored (every non-null column), optionally with the judge prompts they render to."""
     if split not in (None, "train", "eval"):
-        _fail(f"--split must be train or eval, got {split!r}")
-
-    def body():
-        store = _ws().store()
-        frame = store.dataset_items(name, limit=limit, split=split)
-        info = store.datasets().filter(name=name).row(0, named=True)
-        items = [{k: _no_nan(v) for k, v in r.items()} for r in frame.iter_rows(named=True)]
-        if prompt:
-            for item in items:
-                item["prompts"] = _item_prompts(item)
-        if as_json:
-            typer.echo(_strict_json({"dataset": name, "kind": info["kind"],
-                                     "counts": {"items": info["items"], "train": info["train"], "eval": info["eval"]},
-                                     "items": items}, default=str))
-            return
-        typer.echo(f"{name}: {info['kind']}, {info['items']} items (train {info['train']}, eval {info['eval']});"
-                   f" showing {len(items)}" + (f" of split {split}" if split else "") + " in source order")
+        raise UsageError(f"--split must be train or eval, got {split!r}")
+    store = _ws(ctx).store()
+    frame = store.dataset_items(name, limit=limit, split=split)
+    info = store.datasets().filter(name=name).row(0, named=True)
+    items = [{k: _no_nan(v) for k, v in r.items()} for r in frame.iter_rows(named=True)]
+    if prompt:
         for item in items:
-            typer.echo(f"\n--- row {item['source_row']}  item {item['item_id']}  {item['split']}  {item['kind']}")
-            for key in _SHOWN_FIELDS:
-                if item.get(key) is not None:
-                    typer.echo(f"{key}: {_clip(item[key])}")
-            for label, text in item.get("prompts", {}).items():
-                typer.echo(f"[prompt: {label}]\n{text}")
-    _guard(body)
+            item["prompts"] = _item_prompts(item)
+    if as_json:
+        typer.echo(_strict_json({"dataset": name, "kind": info["kind"],
+                                 "counts": {"items": info["items"], "train": info["train"], "eval": info["eval"]},
+                                 "items": items}, default=str))
+        return
+    typer.echo(f"{name}: {info['kind']}, {info['items']} items (train {info['train']}, eval {info['eval']});"
+               f" showing {len(items)}" + (f" of split {split}" if split else "") + " in source order")
+    for item in items:
+        typer.echo(f"\n--- row {item['source_row']}  item {item['item_id']}  {item['split']}  {item['kind']}")
+        for key in _SHOWN_FIELDS:
+            if item.get(key) is not None:
+                typer.echo(f"{key}: {_clip(item[key])}")
+        for label, text in item.get("prompts", {}).items():
+            typer.echo(f"[prompt: {label}]\n{text}")
 
 
 @datasets_app.command("rm")
+@cli_command
 def datasets_rm(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Dataset name.")],
     force: Annotated[bool, typer.Option("--force", help="Delete even while runs use it (they are kept).")] = False,
 ) -> None:
     """Delete a dataset (its items and import history). Refused while a run uses it, unless --force."""
-    def body():
-        from store.store import DatasetInUse
+    from store.store import DatasetInUse
 
-        try:
-            res = _ws().store().delete_dataset(name, force=force)
-        except DatasetInUse as e:
-            _fail(f"dataset {name!r} is used by run(s) {', '.join(e.runs)} (their config names it or their"
-                  f" judgments are of its items); `selfrat datasets rm {name} --force` deletes it anyway")
-        typer.echo(f"deleted dataset {name!r}: {res['items']} items")
-        if res["runs"]:
-            typer.echo(f"orphaned run(s) {', '.join(res['runs'])}: {res['judgments']} judgments and"
-                       f" {res['pairs']} pairs point at deleted items (kept)")
-    _guard(body)
+    try:
+        res = _ws(ctx).store().delete_dataset(name, force=force)
+    except DatasetInUse as e:
+        raise UsageError(f"dataset {name!r} is used by run(s) {', '.join(e.runs)} (their config names it or their"
+                         f" judgments are of its items); `selfrat datasets rm {name} --force` deletes it anyway"
+                         ) from None
+    typer.echo(f"deleted dataset {name!r}: {res['items']} items")
+    if res["runs"]:
+        typer.echo(f"orphaned run(s) {', '.join(res['runs'])}: {res['judgments']} judgments and"
+                   f" {res['pairs']} pairs point at deleted items (kept)")
 
 
 # ------------------------------------------------------------------ runs
 
 
 @app.command()
+@cli_command
 def run(
+    ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],
     run_id: Annotated[Optional[str], typer.Option("--run-id")] = None,
 ) -> None:
     """Run seed evaluation, then K iterations of sample -> curate -> train -> evaluate."""
-    def body():
-        from engine.config import load_run_config
-        from engine.iteration import Runner, create_run
-
-        ws = _ws()
-        rid = create_run(ws, load_run_config(config), run_id)
-        typer.echo(f"run {rid}")
-        Runner(ws, rid).run_all()
-        _print_status(ws.store().run_status(rid))
-    _guard(body)
+    _print_status(runs.start_run(_ws(ctx), config, run_id, echo=typer.echo))
 
 
 @app.command()
+@cli_command
 def resume(
+    ctx: typer.Context,
     run_id: str,
     iterations: Annotated[Optional[int], typer.Option(
         "--iterations", min=0, help="Run up to iteration K (never below the iterations already done).")] = None,
@@ -322,69 +314,31 @@ def resume(
                          "done; the rest (model, train_dataset, eval_datasets, item caps) must stay the same.")] = None,
 ) -> None:
     """Continue a stopped or failed run from where its stored rows end; optionally run more iterations."""
-    def body():
-        from engine import jobs
-        from engine.iteration import Runner
-
-        ws = _ws()
-        job = jobs.current(ws.root, run_id)
-        if job is not None and job.pid != os.getpid():
-            _fail(f"run {run_id} is running as job pid {job.pid}; cancel it first")
-        if iterations is not None or config is not None:
-            _amend_run(ws, run_id, iterations, config)
-        Runner(ws, run_id).run_all()
-        _print_status(ws.store().run_status(run_id))
-    _guard(body)
-
-
-def _amend_run(ws, run_id: str, iterations: int | None, config: Path | None) -> None:
-    """Write a run's new config (store and run dir) before the runner reads it, and log what changed."""
-    import yaml
-
-    from engine import jobs
-    from engine.config import load_run_config
-    from engine.workspace import RunLog
-
-    store = ws.store()
-    run = store.run(run_id)
-    old = run["config"]
-    new = jobs.amend_config(old, load_run_config(config) if config else None, iterations,
-                            jobs.done_iterations(store, run_id)).model_dump(mode="json")
-    if new == old:
-        return
-    store.update_run_config(run_id, new)
-    run_dir = Path(run["run_dir"] or ws.run_dir(run_id))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(new, sort_keys=False))
-    changes = [f"{k}: {old.get(k)} -> {new[k]}" for k in new if new[k] != old.get(k)]
-    RunLog(run_dir, echo=False)(f"config updated{' from ' + str(config) if config else ''}; "
-                                + "; ".join(changes))
+    _print_status(runs.resume_run(_ws(ctx), run_id, iterations, config))
 
 
 def _stage_command(stage: str):
+    @cli_command
     def command(
+        ctx: typer.Context,
         run_id: Annotated[str, typer.Option("--run", help="Run id.")],
         iteration: Annotated[int, typer.Option(help="Iteration (1..K; evaluate also takes 0).")],
     ) -> None:
-        def body():
-            from engine.iteration import Runner
-
-            runner = Runner(_ws(), run_id)
-            runner._install_signal_handlers()
-            result = getattr(runner, stage)(iteration)
-            if result:
-                typer.echo(_strict_json(result, indent=2, default=str))
-        _guard(body)
+        result = runs.run_stage(_ws(ctx), run_id, stage, iteration)
+        if result:
+            typer.echo(_strict_json(result, indent=2, default=str))
     command.__doc__ = f"Run the {stage} stage of one iteration of a run (a no-op when it is done)."
     return command
 
 
-for _stage in ("sample", "train"):
+for _stage in runs.STAGES:
     app.command(_stage)(_stage_command(_stage))
 
 
 @app.command("curate")
+@cli_command
 def curate_(
+    ctx: typer.Context,
     run_id: Annotated[str, typer.Option("--run", help="Run id.")],
     iteration: Annotated[int, typer.Option(help="A sampled iteration (1..K).")],
     strategy: Annotated[Optional[str], typer.Option(help="gold | majority | meta (default: the run's).")] = None,
@@ -398,71 +352,12 @@ def curate_(
     """Curate an iteration's preference pairs and print the curation report. Options override the run's
     curation settings: without --dry-run they are saved in the run's config and the iteration is curated
     again (refused once its pairs were reviewed or trained on)."""
-    def body():
-        from pydantic import ValidationError
-
-        from engine.config import ConfigError, CurationConfig, format_validation_error
-
-        ws = _ws()
-        store = ws.store()
-        stored = store.run(run_id)["config"].get("curation") or {}
-        sample_status = store.iteration(run_id, iteration)["sample_status"]
-        if sample_status != "done":
-            _fail(f"iteration {iteration} of {run_id} is not sampled (sample: {sample_status}); nothing to curate")
-        overrides = {"strategy": strategy, "min_margin": min_margin, "max_pairs_per_item": max_pairs_per_item}
-        try:
-            cfg = CurationConfig.model_validate({**stored, **{k: v for k, v in overrides.items() if v is not None}})
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e, "curate options")) from None
-        if dry_run:
-            from engine.curation import preview
-
-            report = preview(store, run_id, iteration, cfg)
-        else:
-            report = _curate_again(ws, run_id, iteration, cfg, echo=not as_json)
-        if as_json:
-            typer.echo(_strict_json(report))
-        else:
-            what = f"{run_id} iteration {iteration}" + (" (dry run: nothing written)" if dry_run else "")
-            _print_curation(report, what)
-    _guard(body)
-
-
-def _curate_again(ws, run_id: str, iteration: int, cfg, echo: bool) -> dict:
-    """Curate with `cfg`: settings that differ from the run's are saved in its config (store and run dir) and
-    the iteration's pairs are dropped first; the same settings on a curated iteration change nothing."""
-    import yaml
-
-    from engine import jobs
-    from engine.config import CurationConfig, parse_run_config
-    from engine.iteration import Runner
-    from engine.workspace import RunLog
-
-    store = ws.store()
-    job = jobs.current(ws.root, run_id)
-    if job is not None and job.pid != os.getpid():
-        _fail(f"run {run_id} is running as job pid {job.pid}; cancel it first")
-    run = store.run(run_id)
-    old = CurationConfig.model_validate(run["config"].get("curation") or {}).model_dump(mode="json")
-    new = cfg.model_dump(mode="json")
-    if new != old:
-        train_status = store.iteration(run_id, iteration)["train_status"]
-        if train_status in ("done", "skipped"):
-            _fail(f"iteration {iteration} of {run_id} is trained on its current pairs (train: {train_status});"
-                  " curating it again would leave them out of step with its checkpoint. Compare settings with"
-                  " --dry-run, or start a new run")
-        dropped = store.reset_curation(run_id, iteration)  # refuses when humans reviewed pairs
-        config = parse_run_config({**run["config"], "curation": new}, "curate options").model_dump(mode="json")
-        store.update_run_config(run_id, config)
-        run_dir = Path(run["run_dir"] or ws.run_dir(run_id))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        changes = "; ".join(f"curation.{k}: {old.get(k)} -> {v}" for k, v in new.items() if v != old.get(k))
-        RunLog(run_dir, echo=False)(f"config updated by selfrat curate; {changes};"
-                                    f" iteration {iteration}: {dropped} pairs dropped to curate again")
-    runner = Runner(ws, run_id, echo=echo)
-    runner._install_signal_handlers()
-    return runner.curate(iteration)
+    report = runs.curate(_ws(ctx), run_id, iteration, strategy=strategy, min_margin=min_margin,
+                    max_pairs_per_item=max_pairs_per_item, dry_run=dry_run, echo=not as_json)
+    if as_json:
+        typer.echo(_strict_json(report))
+    else:
+        _print_curation(report, f"{run_id} iteration {iteration}" + (" (dry run: nothing written)" if dry_run else ""))
 
 
 def _print_curation(r: dict, what: str) -> None:
@@ -488,9 +383,6 @@ def _print_curation(r: dict, what: str) -> None:
         typer.echo(f"  warning: {warning}")
 
 
-METHODS = ("greedy", "expected", "self-consistency", "best-of-n", "relative")
-
-
 def _strict_json(obj, **dumps_kw) -> str:
     """JSON any parser accepts: NaN and +-inf become null (json.dumps alone writes bare NaN / Infinity).
     Every `--json` output goes through here."""
@@ -506,7 +398,9 @@ def _strict_json(obj, **dumps_kw) -> str:
 
 
 @app.command()
+@cli_command
 def evaluate(
+    ctx: typer.Context,
     run_id: Annotated[Optional[str], typer.Option("--run", help="Evaluate an iteration of this run.")] = None,
     iteration: Annotated[Optional[int], typer.Option(help="With --run: the iteration (0 = seed).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Standalone: 'embedded', a checkpoint dir or hub id.")] = None,
@@ -545,111 +439,60 @@ def evaluate(
     Progress (done/total per batch, and an ETA) goes to stderr; the full log is in the run's run.log:
     <workspace>/runs/<run_id>/run.log.
     """
-    def body():
-        from engine.iteration import ProgressLines, Runner, check_split_has_items, create_run
-
-        ws = _ws()
-        progress = ProgressLines()  # stderr, every mode: stdout stays clean for --json
-        datasets = list(dataset)
-        if suite:
-            from engine.suites import suite_datasets
-
-            datasets += [d for d in suite_datasets(suite, ws.store().datasets()["name"].to_list()) if d not in datasets]
-        if run_id is not None:
-            if iteration is None:
-                _fail("--run needs --iteration")
-            runner = Runner(ws, run_id, echo=not as_json, on_progress=progress)
-            check_split_has_items(ws.store(), datasets or runner.cfg.eval_datasets, runner.cfg.eval_split,
-                                  how=f"evaluate another dataset (run {run_id} evaluates its eval_split)")
-            typer.echo(f"evaluate: run {run_id} iteration {iteration}; full log in {runner.run_dir / 'run.log'}",
-                       err=True)
-            runner._install_signal_handlers()
-            metrics = (runner.evaluate_datasets(iteration, datasets, max_items) if datasets
-                       else runner.evaluate(iteration))
-            rid, k = run_id, iteration
-        else:
-            if not model or not datasets:
-                _fail("standalone evaluate needs --model and --dataset or --suite (or --run and --iteration)")
-            unknown = sorted(set(method) - set(METHODS))
-            if unknown:
-                _fail(f"--method {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
-            from engine.config import parse_run_config
-
-            cfg = parse_run_config({
-                "model": model, "eval_datasets": datasets, "iterations": 0, "eval_split": split,
-                "max_eval_items": max_items,
-                "sampling": {"backend": backend, "max_new_tokens": max_new_tokens, "force_score": force_score},
-                "evaluation": {
-                    "greedy": bool({"greedy", "expected"} & set(method)), "bootstrap": bootstrap, "baseline_n": n,
-                    "baselines": [m for m in ("self-consistency", "best-of-n") if m in method],
-                    # Pairwise data: greedy scores each side (absolute), relative judges A/B.
-                    "pairwise_modes": ["absolute"] * bool({"greedy", "expected"} & set(method))
-                                      + ["relative"] * ("relative" in method),
-                },
-            }, "evaluate options")
-            check_split_has_items(ws.store(), datasets, cfg.eval_split)  # before anything is recorded
-            rid, k = create_run(ws, cfg, kind="evaluate"), 0
-            typer.echo(f"evaluate: run {rid}; full log in {ws.run_dir(rid) / 'run.log'}", err=True)
-            runner = Runner(ws, rid, echo=not as_json, on_progress=progress)
-            runner.run_all()
-            metrics = ws.store().run_status(rid)["iterations"][0]["metrics"]
-        if as_json:
-            typer.echo(_strict_json({"run_id": rid, "iteration": k, "metrics": metrics}))
-        else:
-            for name, values in metrics.items():
-                _print_metrics(name, values, indent="")
-    _guard(body)
+    result = runs.evaluate(
+        _ws(ctx), run_id=run_id, iteration=iteration, model=model, datasets=dataset, suite=suite, methods=method,
+        n=n, split=split, max_items=max_items, backend=backend, max_new_tokens=max_new_tokens,
+        force_score=force_score, bootstrap=bootstrap, echo=not as_json, notify=lambda line: typer.echo(line, err=True))
+    if as_json:
+        typer.echo(_strict_json(result))
+    else:
+        for name, values in result["metrics"].items():
+            _print_metrics(name, values, indent="")
 
 
 @app.command("single-stage")
+@cli_command
 def single_stage(
+    ctx: typer.Context,
     run_id: Annotated[str, typer.Argument(help="The iterative run whose baseline this is.")],
     new_run_id: Annotated[Optional[str], typer.Option("--run-id", help="Default: RUN-single-stage.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Single-stage DPO baseline: one iteration from RUN's seed judge on the data of all its iterations at
     once; recorded in RUN's iteration 0 as 'single-stage-dpo/<metric>'. Reruns resume."""
-    def body():
-        from engine.iteration import run_single_stage
+    from engine.iteration import run_single_stage
 
-        metrics = run_single_stage(_ws(), run_id, new_run_id, echo=not as_json)
-        if as_json:
-            typer.echo(_strict_json(metrics))
-        else:
-            for name, values in metrics.items():
-                _print_metrics(name, values, indent="")
-    _guard(body)
+    metrics = run_single_stage(_ws(ctx), run_id, new_run_id, echo=not as_json)
+    if as_json:
+        typer.echo(_strict_json(metrics))
+    else:
+        for name, values in metrics.items():
+            _print_metrics(name, values, indent="")
 
 
 @app.command()
+@cli_command
 def status(
+    ctx: typer.Context,
     run_id: Annotated[Optional[str], typer.Argument(help="A run id; all runs when omitted.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Progress and metrics of runs (safe to call while a run is writing)."""
-    def body():
-        store = _ws().store()
-        if run_id:
-            data = store.run_status(run_id)
-            typer.echo(_strict_json(data)) if as_json else _print_status(data)
-        else:
-            data = store.all_status()
-            if as_json:
-                typer.echo(_strict_json(data))
-            elif not data["runs"]:
-                typer.echo("no runs yet")
-            for r in data["runs"] if not as_json else []:
-                _print_status(r)
-    _guard(body)
+    store = _ws(ctx).store()
+    data = store.run_status(run_id) if run_id else store.all_status()
+    if as_json:
+        typer.echo(_strict_json(data))
+    elif run_id:
+        _print_status(data)
+    elif not data["runs"]:
+        typer.echo("no runs yet")
+    else:
+        for r in data["runs"]:
+            _print_status(r)
 
 
 def _fmt(v) -> str:
     return "nan" if v is None or v != v else (f"{v:.3f}" if isinstance(v, float) else str(v))
-
-
-_HEADLINE = ("pearson", "spearman", "kendall", "exact", "within1", "partial_pearson", "similar_length_accuracy",
-             "accuracy", "section_mean_accuracy", "accuracy_chosen_longer", "accuracy_chosen_shorter", "tie_rate",
-             "ece", "parse_failure_rate")
 
 
 def _print_metrics(name: str, m: dict, indent: str = "    ") -> None:
@@ -658,7 +501,7 @@ def _print_metrics(name: str, m: dict, indent: str = "    ") -> None:
     for method in methods:
         prefix = f"{method}/" if method else ""
         parts = []
-        for k in _HEADLINE:
+        for k in HEADLINE_METRICS:
             v = m.get(prefix + k)
             if v is None and prefix + k not in m:
                 continue
@@ -689,23 +532,25 @@ def _print_status(s: dict) -> None:
 
 
 @app.command()
+@cli_command
 def export(
+    ctx: typer.Context,
     run_id: Annotated[str, typer.Argument()],
     iteration: Annotated[int, typer.Option()],
     out: Annotated[Path, typer.Option(help="Output directory (HF dataset in out/dataset, plus out/pairs.jsonl).")],
     include_rejected: Annotated[bool, typer.Option("--all", help="Also export pairs a human rejected.")] = False,
 ) -> None:
     """Export an iteration's pairs in TRL's preference format (conversational prompt/chosen/rejected)."""
-    def body():
-        from engine.export import export_pairs
+    from engine.export import export_pairs
 
-        n = export_pairs(_ws().store(), run_id, iteration, out, include_rejected=include_rejected)
-        typer.echo(f"exported {n} pairs to {out}")
-    _guard(body)
+    n = export_pairs(_ws(ctx).store(), run_id, iteration, out, include_rejected=include_rejected)
+    typer.echo(f"exported {n} pairs to {out}")
 
 
 @app.command()
+@cli_command
 def demo(
+    ctx: typer.Context,
     items: Annotated[int, typer.Option(help="Training items to sample.")] = 32,
     n: Annotated[int, typer.Option(help="Judgments per item.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 96,
@@ -715,41 +560,200 @@ def demo(
                                "(then launch the iteration from the app's Launch page).")] = False,
 ) -> None:
     """Import the demo dataset and run one iteration on the embedded judge, printing before/after."""
-    def body():
-        from engine.demo import prepare_demo, run_demo
+    from engine.demo import prepare_demo, run_demo
 
-        if prepare_only:
-            prepare_demo(_ws(), echo=typer.echo)
-        else:
-            run_demo(_ws(), items=items, n=n, max_new_tokens=max_new_tokens, run_id=run_id, echo=typer.echo)
-    _guard(body)
+    if prepare_only:
+        prepare_demo(_ws(ctx), echo=typer.echo)
+    else:
+        run_demo(_ws(ctx), items=items, n=n, max_new_tokens=max_new_tokens, run_id=run_id, echo=typer.echo)
 
 
 @app.command("app")
+@cli_command
 def serve(
+    ctx: typer.Context,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8501,
     workspace: Annotated[Optional[Path], typer.Option(
         "--workspace", "-w", help="Workspace dir (default: the global --workspace, $SELFRAT_HOME, ./.selfrat).")] = None,
 ) -> None:
     """Start the Streamlit app on 127.0.0.1 (Ctrl-C stops it)."""
-    import engine
-    import ui
-    from engine.workspace import Workspace
-
-    app_py = Path(ui.__file__).resolve().parent / "app.py"
-    if not app_py.is_file():
-        _fail(f"the app is not installed: {app_py} is missing")
+    spec = importlib.util.find_spec("ui.app")  # by module name: wherever the ui package is installed
+    if spec is None or not spec.origin:
+        raise UsageError("the app is not installed: there is no module ui.app")
+    app_py = Path(spec.origin).resolve()
     # Absolute: the app may run from another cwd, and it reads its workspace from SELFRAT_HOME.
-    root = Workspace.open(workspace or _state.get("workspace")).root.resolve()
+    root = Workspace.open(workspace or ctx.obj).root.resolve()
     argv = [sys.executable, "-m", "streamlit", "run", str(app_py), "--server.address", "127.0.0.1",
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    repo = Path(engine.__file__).resolve().parents[1]
-    if (repo / ".streamlit" / "config.toml").is_file():
-        os.chdir(repo)  # streamlit reads .streamlit/config.toml (the theme) from the cwd
+    checkout = app_py.parents[1]  # the checkout holding ui/: its .streamlit/config.toml has the theme
+    if (checkout / ".streamlit" / "config.toml").is_file():
+        os.chdir(checkout)  # streamlit reads .streamlit/config.toml from the cwd
     typer.echo(f"selfrat app on http://127.0.0.1:{port} (workspace {root})")
     sys.stdout.flush()
     # Replace this process: Ctrl-C and signals reach streamlit itself, with no parent left behind.
     os.execvpe(argv[0], argv, {**os.environ, "SELFRAT_HOME": str(root)})
+
+
+# ------------------------------------------------------------------ review: the Pairs page's actions
+
+pairs_app = typer.Typer(no_args_is_help=True, help="Review an iteration's curated pairs, as the app's Pairs page "
+                                                   "does: list them, accept / reject / swap / edit / note.")
+app.add_typer(pairs_app, name="pairs")
+
+RunOpt = Annotated[str, typer.Option("--run", help="Run id.")]
+IterationOpt = Annotated[int, typer.Option(help="A curated iteration (1..K).")]
+PairIds = Annotated[Optional[list[int]], typer.Argument(help="Pair ids (from `selfrat pairs list`).",
+                                                        show_default=False)]
+StatusOpt = Annotated[Optional[str], typer.Option(help=f"Only pairs with this status: {' | '.join(PAIR_STATUSES)}"
+                                                       " (with --all, or for list).")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every pair of the iteration (with --status: every pair with "
+                                                    "that status), instead of PAIR_IDs; needs --yes.")]
+YesOpt = Annotated[bool, typer.Option("--yes", help="With --all: do it (without: say how many pairs it would "
+                                                    "change, change nothing, exit 2).")]
+WhoOpt = Annotated[Optional[str], typer.Option(help="Who made the decision, kept in the audit log (default "
+                                                    "$SELFRAT_USER, else $USER, as in the app).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+NoteOpt = Annotated[Optional[str], typer.Option(help="A note kept with each pair.")]
+
+
+@pairs_app.command("list")
+@cli_command
+def pairs_list(
+    ctx: typer.Context,
+    run_id: RunOpt,
+    iteration: IterationOpt,
+    status: StatusOpt = None,
+    limit: Annotated[int, typer.Option(min=0, help="The first N pairs by id (0 = all).")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The iteration's pairs as a human left them (status, swaps and edits applied): what the Pairs page shows."""
+    frame, total = queries.pairs_page(_ws(ctx).store(), run_id, iteration, status, 0, limit or 2**62)
+    if as_json:
+        typer.echo(_strict_json({"run_id": run_id, "iteration": iteration, "status": status, "total": total,
+                                 "pairs": frame.to_dicts()}, default=str))
+        return
+    typer.echo(f"run {run_id} iteration {iteration}: {total} pairs" + (f" with status {status}" if status else "")
+               + (f", showing the first {frame.height}" if frame.height < total else ""))
+    for r in frame.iter_rows(named=True):
+        edited = f" edited score {r['edited_score']}" if r["edited_score"] is not None else ""
+        typer.echo(f"  {r['pair_id']}  {r['status']:<8}  chosen {r['chosen_score']} rejected {r['rejected_score']}"
+                   f"{edited}  item {r['item_id']}" + ("  swapped" if r["swapped"] else "")
+                   + (f"  note: {r['note']}" if r["note"] else ""))
+
+
+def _review(ctx: typer.Context, action: str, run_id: str, iteration: int, pair_ids: list[int] | None,
+            status: str | None, all_: bool, yes: bool, who: str | None, as_json: bool, **change) -> None:
+    """One review action on PAIR_IDs or on --all under --status, through `Store.review_pairs` (the Pairs page's
+    write), with its audit rows."""
+    if bool(pair_ids) == all_:
+        raise UsageError("name the pairs (PAIR_IDs) or pass --all, not both" if all_ else
+                         "name the pairs (PAIR_IDs), or pass --all for every pair (of --status)")
+    if status is not None and not all_:
+        raise UsageError("--status selects pairs with --all; leave it out with PAIR_IDs")
+    store = _ws(ctx).store()
+    if all_ and not yes:
+        n = len(queries.pair_ids(store, run_id, iteration, status))
+        raise UsageError(f"--all would {action} {n} pairs of run {run_id} iteration {iteration}"
+                         + (f" with status {status}" if status else "") + "; add --yes to do it")
+    who = who or default_who()
+    reviews = store.review_pairs(run_id, iteration, action, who, None if all_ else pair_ids, status=status, **change)
+    if as_json:
+        typer.echo(_strict_json({"action": action, "who": who, "run_id": run_id, "iteration": iteration,
+                                 "pairs": reviews}, default=str))
+        return
+    typer.echo(f"{action}: {len(reviews)} pairs of run {run_id} iteration {iteration} by {who}")
+    for r in reviews[:20]:
+        typer.echo(f"  {r['pair_id']}  {r['status']}" + ("  swapped" if r["swapped"] else "")
+                   + (f"  edited score {r['edited_score']}" if r["status"] == "edited" else "")
+                   + (f"  note: {r['note']}" if r["note"] else ""))
+    if len(reviews) > 20:
+        typer.echo(f"  ... and {len(reviews) - 20} more")
+
+
+@pairs_app.command("accept")
+@cli_command
+def pairs_accept(ctx: typer.Context, run_id: RunOpt, iteration: IterationOpt, pair_ids: PairIds = None,
+                 status: StatusOpt = None, all_: AllOpt = False, yes: YesOpt = False, who: WhoOpt = None,
+                 note: NoteOpt = None, as_json: JsonOpt = False) -> None:
+    """Keep pairs for training (status accepted)."""
+    _review(ctx, "accept", run_id, iteration, pair_ids, status, all_, yes, who, as_json, note=note)
+
+
+@pairs_app.command("reject")
+@cli_command
+def pairs_reject(ctx: typer.Context, run_id: RunOpt, iteration: IterationOpt, pair_ids: PairIds = None,
+                 status: StatusOpt = None, all_: AllOpt = False, yes: YesOpt = False, who: WhoOpt = None,
+                 note: NoteOpt = None, as_json: JsonOpt = False) -> None:
+    """Leave pairs out of training (status rejected)."""
+    _review(ctx, "reject", run_id, iteration, pair_ids, status, all_, yes, who, as_json, note=note)
+
+
+@pairs_app.command("swap")
+@cli_command
+def pairs_swap(ctx: typer.Context, run_id: RunOpt, iteration: IterationOpt, pair_ids: PairIds = None,
+               status: StatusOpt = None, all_: AllOpt = False, yes: YesOpt = False, who: WhoOpt = None,
+               note: NoteOpt = None, as_json: JsonOpt = False) -> None:
+    """Exchange chosen and rejected (status swapped; swapping back leaves the pair accepted)."""
+    _review(ctx, "swap", run_id, iteration, pair_ids, status, all_, yes, who, as_json, note=note)
+
+
+@pairs_app.command("edit")
+@cli_command
+def pairs_edit(ctx: typer.Context, run_id: RunOpt, iteration: IterationOpt, pair_ids: PairIds = None,
+               rationale: Annotated[Optional[str], typer.Option(help="The chosen side's new rationale (without the "
+                                                                     "score: training adds it).")] = None,
+               score: Annotated[Optional[int], typer.Option(min=1, max=5, help="The chosen side's new score.")] = None,
+               status: StatusOpt = None, all_: AllOpt = False, yes: YesOpt = False, who: WhoOpt = None,
+               note: NoteOpt = None, as_json: JsonOpt = False) -> None:
+    """Rewrite the chosen side (status edited): --rationale and/or --score; the part not given stays as it is."""
+    _review(ctx, "edit", run_id, iteration, pair_ids, status, all_, yes, who, as_json, note=note,
+            rationale=rationale, score=score)
+
+
+@pairs_app.command("note")
+@cli_command
+def pairs_note(ctx: typer.Context, run_id: RunOpt, iteration: IterationOpt, pair_ids: PairIds = None,
+               note: Annotated[str, typer.Option(help="The note kept with each pair (status unchanged).")] = ...,
+               status: StatusOpt = None, all_: AllOpt = False, yes: YesOpt = False, who: WhoOpt = None,
+               as_json: JsonOpt = False) -> None:
+    """Leave a note on pairs; their status does not change."""
+    _review(ctx, "note", run_id, iteration, pair_ids, status, all_, yes, who, as_json, note=note)
+
+
+# ------------------------------------------------------------------ jobs: what the app's job panel does
+
+
+@app.command("jobs")
+@cli_command
+def jobs_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """What is running in the workspace: run id, pid, stage and progress, start time (jobs the app launched,
+    and `selfrat run/resume` processes started elsewhere)."""
+    running = jobs.running(_ws(ctx).root)
+    if as_json:
+        keys = ("run_id", "pid", "launched", "started_at", "progress", "run_status", "argv", "log_path")
+        typer.echo(_strict_json({"jobs": [{k: j.get(k) for k in keys} for j in running]}))
+        return
+    if not running:
+        typer.echo("no jobs running")
+    for j in running:
+        p = j.get("progress") or {}
+        where = (f"iteration {p['iteration']} {p['stage']}" + (f" {p['done']}/{p['total']}" if p.get("total") else "")
+                 if p else "starting")
+        typer.echo(f"{j['run_id']}  pid {j['pid']}  {where}  started {j['started_at']}"
+                   + ("" if j["launched"] else "  (not launched by the app)"))
+
+
+@app.command()
+@cli_command
+def cancel(ctx: typer.Context, run_id: Annotated[str, typer.Argument(help="Run id.")],
+           timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait before killing what is left.")] = 60,
+           ) -> None:
+    """Stop a run's job, as the app's Cancel button does: SIGTERM (the run stops where it is, marked cancelled;
+    `selfrat resume RUN` continues it), SIGKILL to what is left after --timeout."""
+    if jobs.cancel(_ws(ctx).root, run_id, timeout_s=timeout):
+        typer.echo(f"cancelled {run_id}: `selfrat resume {run_id}` continues it")
+    else:
+        typer.echo(f"no job of {run_id} is running")
 
 
 # ------------------------------------------------------------------ rationale quality: blinded side-by-side
@@ -760,7 +764,9 @@ app.add_typer(sxs_app, name="sxs")
 
 
 @sxs_app.command("export")
+@cli_command
 def sxs_export(
+    ctx: typer.Context,
     first: Annotated[str, typer.Argument(help="System 1: RUN:ITERATION (or ITERATION with --run).")],
     second: Annotated[str, typer.Argument(help="System 2: RUN:ITERATION (or ITERATION with --run).")],
     dataset: Annotated[str, typer.Option(help="Dataset whose eval judgments are compared.")],
@@ -771,17 +777,16 @@ def sxs_export(
     max_items: Annotated[Optional[int], typer.Option(min=1, help="A random N of the items both judged.")] = None,
 ) -> None:
     """Write a blinded sheet (left/right random per row) and the key that unblinds it. Keep the key from raters."""
-    def body():
-        from engine.sxs import export_sheet, parse_spec
+    from engine.sxs import export_sheet, parse_spec
 
-        a, b = parse_spec(first, run_id), parse_spec(second, run_id)
-        res = export_sheet(_ws().store(), dataset, a, b, out, key, seed=seed, max_items=max_items)
-        typer.echo(f"{res['rows']} rows ({a} vs {b} on {dataset}) -> {res['sheet']}; key -> {res['key']}"
-                   + (f"; {res['skipped']} items not judged by both" if res["skipped"] else ""))
-    _guard(body)
+    a, b = parse_spec(first, run_id), parse_spec(second, run_id)
+    res = export_sheet(_ws(ctx).store(), dataset, a, b, out, key, seed=seed, max_items=max_items)
+    typer.echo(f"{res['rows']} rows ({a} vs {b} on {dataset}) -> {res['sheet']}; key -> {res['key']}"
+               + (f"; {res['skipped']} items not judged by both" if res["skipped"] else ""))
 
 
 @sxs_app.command("score")
+@cli_command
 def sxs_score(
     sheets: Annotated[list[Path], typer.Argument(help="Filled sheet(s) of one key: one per annotator.")],
     key: Annotated[Path, typer.Option(help="The key written by `sxs export`.")],
@@ -789,20 +794,18 @@ def sxs_score(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Win rate of each system (ties count half, and are reported) with a 95% bootstrap interval over items."""
-    def body():
-        from engine.sxs import score_sheets
+    from engine.sxs import score_sheets
 
-        res = score_sheets(sheets, key, seed=seed)
-        if as_json:
-            typer.echo(_strict_json(res))
-            return
-        typer.echo(f"{res['dataset']}: {res['annotations']} annotations of {res['items']} items"
-                   f" ({res['ties']} ties, {res['unfilled']} rows not filled)")
-        for s in res["systems"]:
-            typer.echo(f"  {s['system']}: win rate {_fmt(s['win_rate'])} [{_fmt(s['win_rate_lo'])},"
-                       f" {_fmt(s['win_rate_hi'])}]  wins {s['wins']} losses {s['losses']}"
-                       f"  decisive {_fmt(s['decisive_win_rate'])}")
-    _guard(body)
+    res = score_sheets(sheets, key, seed=seed)
+    if as_json:
+        typer.echo(_strict_json(res))
+        return
+    typer.echo(f"{res['dataset']}: {res['annotations']} annotations of {res['items']} items"
+               f" ({res['ties']} ties, {res['unfilled']} rows not filled)")
+    for s in res["systems"]:
+        typer.echo(f"  {s['system']}: win rate {_fmt(s['win_rate'])} [{_fmt(s['win_rate_lo'])},"
+                   f" {_fmt(s['win_rate_hi'])}]  wins {s['wins']} losses {s['losses']}"
+                   f"  decisive {_fmt(s['decisive_win_rate'])}")
 
 
 def main() -> None:

@@ -1,0 +1,74 @@
+"""`precision: auto` follows the hardware: the CPU probe decides, explicit choices and CUDA are respected."""
+
+import pytest
+
+from engine import precision
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probe(monkeypatch):
+    monkeypatch.delenv("SELFRAT_CPU_PRECISION", raising=False)
+    precision.cpu_bf16_speedup.cache_clear()
+    yield
+    precision.cpu_bf16_speedup.cache_clear()
+
+
+def _probe_says(monkeypatch, bf16_gflops: float, fp32_gflops: float):
+    import torch
+
+    rates = {torch.bfloat16: bf16_gflops, torch.float32: fp32_gflops}
+    monkeypatch.setattr(precision, "_matmul_rate", lambda dtype, n, seconds: rates[dtype])
+
+
+def test_cpu_with_native_bf16_picks_bf16(monkeypatch):
+    _probe_says(monkeypatch, bf16_gflops=2475.0, fp32_gflops=355.0)  # an AMX machine
+    assert precision.resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_cpu_with_emulated_bf16_picks_fp32(monkeypatch):
+    _probe_says(monkeypatch, bf16_gflops=12.0, fp32_gflops=120.0)  # AVX2 only: bf16 ~10x slower
+    assert precision.resolve_precision("auto", "cpu") == "fp32"
+    _probe_says(monkeypatch, bf16_gflops=130.0, fp32_gflops=120.0)  # a near-tie is not worth bf16's rounding
+    precision.cpu_bf16_speedup.cache_clear()
+    assert precision.resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_probe_runs_once_per_process(monkeypatch):
+    calls = []
+
+    def rate(dtype, n, seconds):
+        calls.append(dtype)
+        return 1.0
+
+    monkeypatch.setattr(precision, "_matmul_rate", rate)
+    for _ in range(3):
+        precision.resolve_precision("auto", "cpu")
+    assert len(calls) == 2  # one bf16 and one fp32 timing, then cached
+
+
+def test_explicit_choices_env_override_and_other_devices(monkeypatch):
+    monkeypatch.setattr(precision, "_matmul_rate", lambda *a: pytest.fail("an explicit choice must not probe"))
+    assert precision.resolve_precision("fp32", "cpu") == "fp32"
+    assert precision.resolve_precision("bf16", "cpu") == "bf16"
+    assert precision.resolve_precision("auto", "mps") == "fp32"
+    monkeypatch.setenv("SELFRAT_CPU_PRECISION", "fp32")
+    assert precision.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setenv("SELFRAT_CPU_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="SELFRAT_CPU_PRECISION"):
+        precision.resolve_precision("auto", "cpu")
+    with pytest.raises(ValueError, match="expected one of"):
+        precision.resolve_precision("half", "cpu")
+
+
+def test_cuda_auto_follows_bf16_support(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.resolve_precision("auto", "cuda:1") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision.resolve_precision("auto", "cuda") == "fp32"
+
+
+def test_real_probe_returns_a_choice():
+    assert precision.resolve_precision("auto", "cpu") in ("fp32", "bf16")
+    assert precision.cpu_bf16_speedup() > 0
