@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.selfrat-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,9 +24,14 @@ demo: $(STAMP)
 	$(VENV)/bin/selfrat demo --prepare-only
 	$(VENV)/bin/selfrat app
 
-# Never installs system packages: without chromium + chromedriver the browser test is skipped, saying how to
-# get them (CI installs them in .ci/run).
+# ruff (the dev extra; rules in pyproject.toml [tool.ruff]): lint only, it never rewrites a file.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# Lint first, then every test. Never installs system packages: without chromium + chromedriver the browser
+# test is skipped, saying how to get them (CI installs them in .ci/run).
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

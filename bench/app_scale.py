@@ -268,7 +268,7 @@ def render_pages(ws: Path) -> tuple[dict, list[str]]:
                          "warm_s": round(warm, 3), "calls": calls}
 
     for page, path in pages.items():
-        measure(page, lambda: at.switch_page(path).run())
+        measure(page, lambda path=path: at.switch_page(path).run())
     if "judgments" in pages:  # the heaviest filter a user can type: text over every rationale of the iteration
         at.switch_page(pages["judgments"]).run()
         measure("judgments+text", lambda: at.text_input(key="j_text").set_value("factual errors").run())

@@ -22,11 +22,11 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import CurationConfig  # noqa: E402
-from engine.curation import curate  # noqa: E402
-from store import Store  # noqa: E402
-from store.db import connect  # noqa: E402
-from store.store import ITEM_COLUMNS, JUDGMENT_COLUMNS  # noqa: E402
+from engine.config import CurationConfig
+from engine.curation import curate
+from store import Store
+from store.db import connect
+from store.store import ITEM_COLUMNS, JUDGMENT_COLUMNS
 
 
 def build(store: Store, n_items: int, n_samples: int, seed: int = 0) -> None:
@@ -91,7 +91,8 @@ def baseline(store: Store, cfg: CurationConfig) -> int:
             out.append({"pair_id": hash((c[0], r[0])) >> 1, "run_id": "bench", "iteration": 1,
                         "item_id": item, "chosen_id": c[0], "rejected_id": r[0], "strategy": "gold",
                         "params": params, "margin": float(abs(r[3] - gold))})
-    store.save_curation("bench", 1, pl.DataFrame(out), {"strategy": "gold", "params": cfg.model_dump(), "pairs": len(out)})
+    meta = {"strategy": "gold", "params": cfg.model_dump(), "pairs": len(out)}
+    store.save_curation("bench", 1, pl.DataFrame(out), meta)
     return len(out)
 
 

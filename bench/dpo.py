@@ -71,13 +71,12 @@ def _side(side: str, model: str, n: int, batch_size: int, max_length: int, out: 
 
         steps: list[float] = []
         cfg = TrainingConfig(batch_size=batch_size, max_length=max_length, learning_rate=5e-6)
-        metrics = train_dpo(policy_path=model, reference_path=None, pairs=pairs, cfg=cfg, out_dir=out,
-                            device="cpu" if not torch.cuda.is_available() else "auto",
-                            log=lambda line: steps.append(float(line.split("loss=")[1].split()[0]))
-                            if "loss=" in line else None)
+        train_dpo(policy_path=model, reference_path=None, pairs=pairs, cfg=cfg, out_dir=out,
+                  device="cpu" if not torch.cuda.is_available() else "auto",
+                  log=lambda line: steps.append(float(line.split(" loss=")[1].split()[0]))
+                  if line.startswith("step ") else None)
         record = json.loads((out / "selfrat_checkpoint.json").read_text())
         precision = record["precision"]
-        tokens = record.get("tokens_per_pair")
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import DPOConfig, DPOTrainer
@@ -93,9 +92,8 @@ def _side(side: str, model: str, n: int, batch_size: int, max_length: int, out: 
         trainer.train()
         steps = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         precision = "bf16" if args.bf16 else "fp32"
-        tokens = None
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "losses": steps, "precision": precision, "tokens_per_pair": tokens,
+    return {"seconds": seconds, "losses": steps, "precision": precision,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -134,22 +132,31 @@ def main() -> None:
         "ours_s_per_pair": round(ours["seconds"] / a.pairs, 2),
         "trl_s_per_pair": round(trl["seconds"] / a.pairs, 2),
         "ratio": round(trl["seconds"] / ours["seconds"], 2),
-        "max_abs_loss_diff": round(max((abs(x - y) for x, y in zip(ours["losses"], trl["losses"])), default=float("nan")), 4),
+        "max_abs_loss_diff": round(
+            max((abs(x - y) for x, y in zip(ours["losses"], trl["losses"])), default=float("nan")), 4
+        ),
         "steps_compared": n_steps,
         "peak_rss_mb": round(ours["peak_rss_mb"], 1), "trl_peak_rss_mb": round(trl["peak_rss_mb"], 1),
         "precision": ours["precision"], "trl_precision": trl["precision"],
-        "tokens_per_pair": ours["tokens_per_pair"],
     }
-    if ours["tokens_per_pair"]:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        with torch.device("meta"):
-            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
-        flops = 8 * params * ours["tokens_per_pair"] * a.pairs
-        bound = matmul_gflops(torch.bfloat16 if ours["precision"] == "bf16" else torch.float32, seconds=1.0)
-        out["ours_fraction_of_bound"] = round(flops / ours["seconds"] / 1e9 / bound, 3)
-        out["bound_gflops"] = round(bound, 1)
+    # Tokens a pair trains on: prompt + chosen and prompt + rejected (each side is its own sequence in TRL).
+    tok = AutoTokenizer.from_pretrained(model)
+    tokens = 0
+    for p in cia_pairs(a.pairs):
+        for side in ("chosen", "rejected"):
+            msgs = [*p["prompt"], {"role": "assistant", "content": p[side]}]
+            tokens += len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+    out["tokens_per_pair"] = round(tokens / a.pairs)
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+        params = sum(x.numel() for x in meta_model.parameters())
+    flops = 8 * params * tokens  # policy forward + backward (6) and reference forward (2) per token
+    bound = matmul_gflops(torch.bfloat16 if ours["precision"] == "bf16" else torch.float32, seconds=1.0)
+    out["ours_fraction_of_bound"] = round(flops / ours["seconds"] / 1e9 / bound, 3)
+    out["bound_gflops"] = round(bound, 1)
     print(json.dumps(out))
 
 

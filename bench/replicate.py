@@ -115,7 +115,7 @@ def table(status: dict) -> tuple[str, list[dict]]:
     for label, k, prefix in JUDGES:
         metrics = its.get(k, {})
         cells, rec = [], {"judge": label}
-        for header, dataset, metric in COLUMNS:
+        for _header, dataset, metric in COLUMNS:
             name = prefix + metric  # baselines without A/B figures show a dash there
             m = metrics.get(dataset, {})
             v = m.get(name)

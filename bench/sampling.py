@@ -10,7 +10,9 @@ with ``ours_tok_s``, ``baseline_tok_s`` and ``ratio`` (goal: >= 3 on the embedde
     python bench/sampling.py --prompts 2 --n 4 --max-new-tokens 32
     python bench/sampling.py --model /path/to/checkpoint --device cuda
 
-The embedded checkpoint is built once (~30 s) into $SELFRAT_HOME/models (default ./.selfrat/models).
+The embedded checkpoint is built once per machine (~30 s) into the user cache (engine.models.cache_dir()).
+Ours runs in the precision `auto` picks here (or --precision); the baseline loads the checkpoint plainly.
+--prompt-tokens N lengthens the prompts to about N tokens (long-prompt judging).
 """
 
 from __future__ import annotations
@@ -128,7 +130,35 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", help="ours: auto (follows the hardware), fp32 or bf16; the "
+                   "baseline always loads the checkpoint as transformers does by default")
+    p.add_argument("--prompt-tokens", type=int, default=0,
+                   help="lengthen each prompt (its response and reference) to about this many tokens (0 = as is)")
     return p
+
+
+def _lengthen(item: dict, tokens: int, count) -> dict:
+    """The item with its response and reference repeated until its prompt has about `tokens` tokens."""
+    item, base = dict(item), (item["response"], item["reference"])
+    k = 1
+    while count(item) < tokens:
+        k += 1
+        item["response"] = "\n\n".join([base[0]] * k)
+        item["reference"] = "\n\n".join([base[1]] * k)
+    return item
+
+
+def _fraction_of_bound(sampler, prompt_lens: list[int], n: int, tokens: int, seconds: float) -> dict:
+    """Model FLOPs ours achieved (2 x params per token processed: each prompt once, every generated token)
+    over the matmul bound of its precision (bench/limits.py)."""
+    import torch
+
+    from bench.limits import matmul_gflops
+
+    params = sum(p.numel() for p in sampler.model.parameters())
+    flops = 2 * params * (sum(prompt_lens) + tokens)
+    bound = matmul_gflops(torch.bfloat16 if sampler.precision == "bf16" else torch.float32, seconds=1.0)
+    return {"ours_fraction_of_bound": round(flops / seconds / 1e9 / bound, 3), "bound_gflops": round(bound, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +172,15 @@ def main(argv: list[str] | None = None) -> int:
 
     workspace = Path(os.environ.get("SELFRAT_HOME", ".selfrat"))
     path = resolve_model(args.model, workspace)
-    sampler = TransformersSampler(path, device=args.device)
-    model = sampler.model
-    prompts = [absolute_messages(ITEMS[i % len(ITEMS)]) for i in range(args.prompts)]
+    sampler = TransformersSampler(path, device=args.device, precision=args.precision)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).to(sampler.device).eval()  # the plain way: default dtype
+    items = [ITEMS[i % len(ITEMS)] for i in range(args.prompts)]
+    if args.prompt_tokens:
+        items = [_lengthen(it, args.prompt_tokens, lambda x: len(sampler.encode_prompt(absolute_messages(x))))
+                 for it in items]
+    prompts = [absolute_messages(it) for it in items]
     seeds = [[judgment_seed(args.seed, f"bench-{i}", j) for j in range(args.n)] for i in range(args.prompts)]
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     prompt_lens = [len(sampler.encode_prompt(m)) for m in prompts]
@@ -202,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         "ours_cpu_s": round(ours_cpu, 2), "baseline_cpu_s": round(base_cpu, 2),
         "ours_tokens": ours_tokens, "baseline_tokens": base_tokens, "prompts": args.prompts, "n": args.n,
         "max_new_tokens": args.max_new_tokens, "prompt_tokens_mean": round(sum(prompt_lens) / len(prompt_lens), 1),
-        "device": str(sampler.device), "model": args.model,
+        "device": str(sampler.device), "model": args.model, "precision": sampler.precision,
+        "baseline_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        **_fraction_of_bound(sampler, prompt_lens, args.n, ours_tokens, ours_s),
     }))
     return 0
 

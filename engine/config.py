@@ -20,9 +20,18 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from engine.devices import DEVICE_HELP, check_device
+from engine.devices import DEVICE_HELP, check_device, gpu_count
 from store.errors import SelfratError
 
 
@@ -47,6 +56,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class VLLMConfig(_Strict):
+    """`sampling.backend: vllm` (engine/vllm_sampler.py): how vLLM's offline engine is set up. Ignored by the
+    transformers backend."""
+
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one model is split over (tensor "
+                                      "parallel); vLLM takes them from CUDA_VISIBLE_DEVICES.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of each GPU's memory vLLM "
+                                          "reserves for weights, activations and the KV cache.")
+    max_model_len: int | None = Field(None, ge=64, description="Prompt + generation tokens per sequence; None "
+                                      "= the model's own limit (lower it when the KV cache does not fit).")
+    enable_prefix_caching: bool = Field(True, description="Share the prompt's KV cache between the N samples "
+                                        "of an item and the score probes (each judgment is its own request).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights and activations; auto = sampling.precision (bf16 -> bfloat16, fp32 -> "
+        "float32), and under precision auto vLLM's own choice from the model config.")
+    structured_outputs: bool = Field(False, description="Constrain the free text to end in ' [RESULT] k' with "
+                                     "vLLM's structured outputs (a regex), instead of relying on forcing alone; "
+                                     "a judgment cut by the token budget is still forced under force_score.")
+
+
+VLLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # sampling.precision -> vLLM's dtype
+
+
 class SamplingConfig(_Strict):
     """How judgments are drawn (Prometheus defaults: temperature 1.0, top_p 0.9)."""
 
@@ -66,11 +98,35 @@ class SamplingConfig(_Strict):
         "model's 1-5 distribution. None = on for `model: embedded`, off otherwise.",
     )
     device: str = Field("auto", description=f"{DEVICE_HELP}.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Weights for sampling and evaluation: auto = bf16 where the device computes it "
+        "natively (CUDA; a CPU with AMX / AVX512-BF16, found by a timed probe), else fp32.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Settings of backend: vllm.")
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: str) -> str:
         return check_device(v)
+
+    @model_validator(mode="after")
+    def _vllm_combinations(self) -> "SamplingConfig":
+        """What backend: vllm cannot run with, each error at the field to change."""
+        if self.backend != "vllm":
+            return self
+        errors = []
+        if self.device in ("cpu", "mps"):
+            errors.append((("device",), f"backend vllm runs on CUDA GPUs only, not on {self.device}: use device "
+                           "auto or cuda, or backend transformers", self.device))
+        elif self.device.startswith("cuda:"):
+            errors.append((("device",), "backend vllm places the model on the GPUs CUDA_VISIBLE_DEVICES shows "
+                           f"(tensor_parallel_size of them): write device cuda and set CUDA_VISIBLE_DEVICES="
+                           f"{self.device.partition(':')[2]}", self.device))
+        dtype = self.vllm.dtype
+        if dtype != "auto" and self.precision in VLLM_DTYPES and VLLM_DTYPES[self.precision] != dtype:
+            errors.append((("vllm", "dtype"), f"{dtype} contradicts sampling.precision {self.precision} (leave "
+                           "vllm.dtype auto to follow it)", dtype))
+        _field_errors("SamplingConfig", errors)
+        return self
 
 
 class CurationConfig(_Strict):
@@ -98,8 +154,54 @@ class CurationConfig(_Strict):
     )
 
 
+def _field_errors(title: str, errors: list[tuple[tuple, str, object]]) -> None:
+    """Raise one ValidationError with an entry per (loc, message, input), so each bad field of a combination
+    is named by its own path (pydantic nests `loc` under the enclosing sections)."""
+    if errors:
+        raise ValidationError.from_exception_data(title, [
+            InitErrorDetails(type=PydanticCustomError("invalid_combination", msg), loc=loc, input=value)
+            for loc, msg, value in errors])
+
+
+REPORTERS = ("tensorboard", "mlflow", "wandb", "trackio", "none")
+
+
+class DistributedConfig(_Strict):
+    """Training on several processes with accelerate (engine/distributed.py generates its config and launches
+    `accelerate launch ... -m engine.train_worker`). ddp: a full copy per process (CPU with gloo, or one GPU
+    each); fsdp: FSDP2 shards parameters, gradients and optimizer state (CUDA); zero3: DeepSpeed ZeRO-3 (CUDA,
+    needs the deepspeed package)."""
+
+    num_processes: int = Field(2, ge=1, le=64, description="Ranks: one per GPU on cuda, CPU processes on cpu.")
+    strategy: Literal["ddp", "fsdp", "zero3"] = Field("ddp")
+    mixed_precision: Literal["bf16", "fp32"] | None = Field(
+        None, description="None = the stage's precision (training.precision / sft.precision, auto resolved).")
+
+
+def _qlora_alias(section: str, data):
+    """`qlora: true` is short for `lora: true, quantization: 4bit` (not stored: the dump keeps the long form)."""
+    if isinstance(data, dict) and "qlora" in data:
+        data = dict(data)
+        qlora = data.pop("qlora")
+        if qlora is True:
+            if data.get("lora") is False:
+                raise ValueError(f"{section}: qlora: true contradicts lora: false")
+            if data.get("quantization") not in (None, "4bit"):
+                raise ValueError(f"{section}: qlora: true contradicts quantization: {data['quantization']!r}")
+            data.update(lora=True, quantization="4bit")
+        elif qlora not in (False, None):
+            raise ValueError(f"{section}.qlora: expected true or false, got {qlora!r}")
+    return data
+
+
+def _quantization_needs_lora(section, data) -> None:
+    if data.quantization and not data.lora:
+        _field_errors(section, [(("quantization",), "4bit (QLoRA) trains LoRA adapters on the frozen 4-bit "
+                                 "model: set lora: true too (or qlora: true)", data.quantization)])
+
+
 class TrainingConfig(_Strict):
-    """DPO on the curated pairs (TRL DPOTrainer)."""
+    """DPO on the curated pairs (TRL DPOTrainer). `distributed` and `report_to` apply to the seed SFT too."""
 
     loss: Literal["sigmoid", "sigmoid+sft"] = Field(
         "sigmoid", description="sigmoid: DPO; sigmoid+sft: DPO plus NLL on the chosen judgment (Self-Taught Evaluator)."
@@ -121,9 +223,20 @@ class TrainingConfig(_Strict):
     )
     seed: int = Field(0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = fp32 on CPU (bf16 is ~10x slower on AVX2 CPUs), bf16 on GPU."
+        "auto", description="auto = bf16 autocast where the device computes bf16 natively (CUDA; a CPU with "
+        "AMX / AVX512-BF16, found by a timed probe), else fp32; master weights stay fp32."
     )
-
+    quantization: Literal["4bit"] | None = Field(
+        None, description="4bit: QLoRA (bitsandbytes NF4 base weights, LoRA adapters; CUDA only). `qlora: true` "
+        "is short for `lora: true, quantization: 4bit`.")
+    precompute_ref_log_probs: bool = Field(
+        False, description="TRL DPOConfig: compute the reference log-probs once before training, so the "
+        "reference model is not kept in memory during it.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio", "none"]] = Field(
+        default_factory=lambda: ["none"],
+        description="Run trackers, passed to TRL; tensorboard logs go to runs/<id>/tb/iter-k. ['none'] = off.")
+    distributed: DistributedConfig | None = Field(
+        None, description="Several processes with accelerate (DPO and the seed SFT); None = one process.")
 
     @model_validator(mode="before")
     @classmethod
@@ -131,7 +244,23 @@ class TrainingConfig(_Strict):
         if isinstance(data, dict) and data.get("reference") == "seed":
             _renamed("training.reference: seed", "training.reference: initial")
             data = {**data, "reference": "initial"}
-        return data
+        return _qlora_alias("training", data)
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, v: list[str]) -> list[str]:
+        if not v:
+            return ["none"]
+        if "none" in v and len(v) > 1:
+            raise ValueError("'none' turns tracking off: it cannot be combined with trackers")
+        if len(set(v)) < len(v):
+            raise ValueError("a tracker is named twice")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainingConfig":
+        _quantization_needs_lora("TrainingConfig", self)
+        return self
 
 
 BASELINES = ("self-consistency", "best-of-n")
@@ -163,7 +292,9 @@ class EvaluationConfig(_Strict):
 class SFTConfig(_Strict):
     """Seed SFT (TRL SFTTrainer) on gold rationales + scores: the judge J_SFT the loop starts from."""
 
-    dataset: str = Field(..., description="Imported absolute dataset with gold feedback (e.g. CIA, Feedback-Collection).")
+    dataset: str = Field(
+        ..., description="Imported absolute dataset with gold feedback (e.g. CIA, Feedback-Collection)."
+    )
     split: Literal["train", "eval", "all"] = Field("train")
     max_items: int | None = Field(None, ge=1, description="Use only the first N items (by id).")
     epochs: float = Field(1.0, gt=0.0)
@@ -178,14 +309,30 @@ class SFTConfig(_Strict):
     lora_alpha: int = Field(32, ge=1)
     seed: int = Field(0)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto")
+    quantization: Literal["4bit"] | None = Field(
+        None, description="4bit: QLoRA (CUDA only; `qlora: true` is short for lora: true, quantization: 4bit).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _qlora(cls, data):
+        return _qlora_alias("sft", data)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "SFTConfig":
+        _quantization_needs_lora("SFTConfig", self)
+        return self
 
 
 class RunConfig(_Strict):
     """A self-rationalization run: the initial judge's evaluation, then K x (sample, curate, train, evaluate)."""
 
-    model: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), a local checkpoint dir or a hub id.")
+    model: str = Field(
+        "embedded", description="'embedded' (SmolLM2-135M-Instruct), a local checkpoint dir or a hub id."
+    )
     train_dataset: str | None = Field(None, description="Name of an imported dataset; its train split is sampled.")
-    eval_datasets: list[str] = Field(default_factory=list, description="Imported datasets; their eval split is evaluated.")
+    eval_datasets: list[str] = Field(
+        default_factory=list, description="Imported datasets; their eval split is evaluated."
+    )
     iterations: int = Field(1, ge=0, le=20,
                             description="Self-rationalization iterations after iteration 0 (0 = evaluate only).")
     max_train_items: int | None = Field(None, ge=1, description="Use only the first N train items (by id).")
@@ -249,6 +396,82 @@ class RunConfig(_Strict):
             self.sampling.force_score = self.model == "embedded"
         return self
 
+    @model_validator(mode="after")
+    def _device_combinations(self, info: ValidationInfo) -> "RunConfig":
+        """Settings that cannot run together, each named by its field. With `context={"gpus": N}` (the
+        machine's GPU count, `parse_run_config(..., machine=True)`) `device: auto` and GPU counts are checked
+        too; a stored run's config is loaded without it, so a GPU run still opens on a laptop."""
+        gpus = (info.context or {}).get("gpus") if info is not None else None
+        _field_errors("RunConfig", combination_errors(self, gpus))
+        return self
+
+
+def _where(device: str, gpus: int | None) -> str | None:
+    """Where the stages run: 'cpu', 'mps', 'cuda', or None when `auto` cannot be told without the machine."""
+    if device == "auto":
+        return None if gpus is None else ("cuda" if gpus > 0 else "cpu")
+    return "cuda" if device.startswith("cuda") else device
+
+
+def combination_errors(cfg: RunConfig, gpus: int | None = None) -> list[tuple[tuple, str, object]]:
+    """(field path, message, value) for each setting that cannot run with the others on the device the run
+    trains and samples on (`sampling.device`): vLLM without a GPU, QLoRA without a GPU, FSDP / ZeRO-3 on CPU,
+    more processes than GPUs (`gpus`: None = unknown, skip the checks that need it)."""
+    s, t = cfg.sampling, cfg.training
+    where = _where(s.device, gpus)
+    no_gpu = where in ("cpu", "mps") or (where == "cuda" and gpus == 0)
+    on = f"sampling.device is {s.device}" + (f" and this machine has {gpus} GPUs" if gpus is not None else "")
+    errors: list[tuple[tuple, str, object]] = []
+    if where == "cuda" and gpus == 0:
+        errors.append((("sampling", "device"), f"{s.device}: no CUDA GPU here (nvidia-smi -L lists none); use "
+                       "cpu or auto", s.device))
+    # (device cpu / mps / cuda:N with vllm: SamplingConfig's own check; here what needs the machine)
+    if s.backend == "vllm" and s.device == "auto" and gpus == 0:
+        errors.append((("sampling", "backend"), f"vllm runs on CUDA GPUs only, and {on}: use backend "
+                       "transformers here", s.backend))
+    vllm = getattr(s, "vllm", None)
+    tp = getattr(vllm, "tensor_parallel_size", 1)
+    if s.backend == "vllm" and gpus and tp > gpus:
+        errors.append((("sampling", "vllm", "tensor_parallel_size"), f"{tp} GPUs per model, and this machine "
+                       f"has {gpus}", tp))
+    sections = [("training", t)] + ([("sft", cfg.sft)] if cfg.sft is not None else [])
+    for name, sec in sections:
+        if sec.quantization and no_gpu:
+            errors.append(((name, "quantization"), f"{sec.quantization} (QLoRA, bitsandbytes) needs a CUDA GPU, "
+                           f"and {on}: use lora without quantization here", sec.quantization))
+        if sec.quantization and t.distributed is not None and t.distributed.strategy != "ddp":
+            errors.append(((name, "quantization"), f"{sec.quantization} with training.distributed.strategy "
+                           f"{t.distributed.strategy} is not supported: use ddp, or one process", sec.quantization))
+    d = t.distributed
+    if d is None:
+        return errors
+    if d.strategy == "zero3" and d.num_processes < 2:
+        errors.append((("training", "distributed", "num_processes"), "zero3 shards the model across processes: it "
+                       "needs num_processes >= 2 (one process: ddp, fsdp, or no `distributed:` at all)",
+                       d.num_processes))
+    if where == "mps":
+        errors.append((("training", "distributed"), "distributed training runs on cpu (ddp) or cuda; "
+                       "sampling.device is mps", d.model_dump()))
+    if s.device.startswith("cuda:"):
+        errors.append((("training", "distributed"), f"runs one process per GPU from the first visible one, while "
+                       f"sampling.device {s.device} names a single GPU: use cuda (CUDA_VISIBLE_DEVICES picks the "
+                       "GPUs)", d.model_dump()))
+    if d.strategy != "ddp" and (where in ("cpu", "mps") or (where == "cuda" and gpus == 0)):
+        why = ("accelerate runs CPU ranks as MULTI_CPU (plain DDP) only" if d.strategy == "fsdp"
+               else "DeepSpeed ZeRO-3 runs on GPUs")
+        errors.append((("training", "distributed", "strategy"), f"{d.strategy} needs CUDA GPUs ({why}), and {on}: "
+                       "use ddp here", d.strategy))
+    if where == "cuda" and gpus is not None and 0 < gpus < d.num_processes:
+        errors.append((("training", "distributed", "num_processes"), f"{d.num_processes} processes need "
+                       f"{d.num_processes} GPUs (one each); this machine has {gpus}", d.num_processes))
+    if d.mixed_precision is not None:
+        for name, sec in sections:
+            if sec.precision != "auto" and sec.precision != d.mixed_precision:
+                errors.append((("training", "distributed", "mixed_precision"), f"{d.mixed_precision} contradicts "
+                               f"{name}.precision: {sec.precision}; leave one of them unset (auto / null)",
+                               d.mixed_precision))
+    return errors
+
 
 class ConfigError(SelfratError, ValueError):
     """A config file that cannot be used; the message names the file and each bad field."""
@@ -263,7 +486,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def load_run_config(path: str | Path, machine: bool = False) -> RunConfig:
+    """The config in a YAML file; `machine`: also check it against this machine (see `parse_run_config`)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -271,11 +495,14 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: cannot read config: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: config must be a mapping of keys to values")
-    return parse_run_config(raw, str(path))
+    return parse_run_config(raw, str(path), machine=machine)
 
 
-def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
+def parse_run_config(raw: dict, source: str = "config", machine: bool = False) -> RunConfig:
+    """A validated RunConfig (ConfigError naming each bad field). `machine`: also refuse what this machine
+    cannot run (`combination_errors` with its GPU count: vllm or QLoRA without a GPU, more processes than
+    GPUs); off for stored runs, whose configs must open anywhere."""
     try:
-        return RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw, context={"gpus": gpu_count()} if machine else None)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None

@@ -17,7 +17,11 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import shutil
+import subprocess
 
 DEVICE_HELP = "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps"
 _DEVICE = re.compile(r"^(?:auto|cpu|mps|cuda(?::\d+)?)$")
@@ -60,3 +64,36 @@ def use_device(device: str) -> None:
         import torch
 
         torch.cuda.set_device(int(device.partition(":")[2]))
+
+
+def _visible(count: int) -> int:
+    """`count` GPUs as CUDA_VISIBLE_DEVICES narrows them ("" or "-1": none; unset: all)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return count
+    ids = [v for v in visible.split(",") if v.strip()]
+    if not ids or ids[0].strip() == "-1":
+        return 0
+    return min(count, len(ids))
+
+
+@functools.cache
+def _nvidia_smi_count() -> int:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def gpu_count() -> int:
+    """CUDA GPUs this process may use, found without importing torch (the app and config checks call it):
+    the lines `nvidia-smi -L` lists (0 when it is absent or fails), narrowed by CUDA_VISIBLE_DEVICES.
+    `SELFRAT_GPU_COUNT=N` overrides it (tests; machines without nvidia-smi)."""
+    forced = os.environ.get("SELFRAT_GPU_COUNT", "").strip()
+    if forced:
+        return int(forced)
+    return _visible(_nvidia_smi_count())

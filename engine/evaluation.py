@@ -31,14 +31,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from engine.calibration import (
-    expected_calibration_error,
-    expected_scores,
-    mean_entropy,
-    reliability_bins,
-    saturation_warning,
-    score_shares,
-)
+from engine import calibration
 from engine.judging import JudgeRequest
 from engine.length import (
     length_baseline_scores,
@@ -111,7 +104,7 @@ def predictions(judgments: pl.DataFrame, method: str = "greedy", ratings: pl.Dat
 def _expected(judgments: pl.DataFrame) -> pl.DataFrame:
     """G-Eval's probability-weighted score sum_k k p_k per judgment, averaged over an item's judgments;
     judgments stored without probabilities add nothing."""
-    expected = expected_scores(judgments.select(PROBS).to_numpy()) if judgments.height else []
+    expected = calibration.expected_scores(judgments.select(PROBS).to_numpy()) if judgments.height else []
     return (judgments.select("item_id", "side").with_columns(pl.Series("pred", expected, dtype=pl.Float64))
             .group_by("item_id", "side").agg(pl.col("pred").fill_nan(None).mean()))
 
@@ -273,11 +266,11 @@ def _calibration(result: EvalResult, items: pl.DataFrame, judgments: pl.DataFram
     if rows.height == 0:
         return
     probs, gold = rows.select(PROBS).to_numpy(), rows["gold_score"].to_list()
-    result.metrics["ece"] = expected_calibration_error(probs, gold)
-    result.metrics["mean_entropy"] = mean_entropy(probs)
+    result.metrics["ece"] = calibration.expected_calibration_error(probs, gold)
+    result.metrics["mean_entropy"] = calibration.mean_entropy(probs)
     bins = [_rows("reliability", f"{b['lo']:.1f}-{b['hi']:.1f}",
                   {"confidence": b["confidence"], "accuracy": b["accuracy"], "n": b["count"]})
-            for b in reliability_bins(probs, gold) if b["count"]]
+            for b in calibration.reliability_bins(probs, gold) if b["count"]]
     result.breakdowns = pl.concat([result.breakdowns, _frame([r for rs in bins for r in rs])],
                                   how="vertical_relaxed")
 
@@ -286,9 +279,9 @@ def _shares(items: pl.DataFrame, judgments: pl.DataFrame) -> dict[str, float]:
     """share_1..share_5 of the judgments' scores, and (absolute data) `saturated` = 1 when one score takes
     more than half of them while gold is balanced (calibration.saturation_warning)."""
     scores = judgments["score"].to_list()
-    out = {f"share_{k}": v for k, v in score_shares(scores).items()}
+    out = {f"share_{k}": v for k, v in calibration.score_shares(scores).items()}
     if items.height and items["kind"][0] == "absolute" and scores:
-        out["saturated"] = float(saturation_warning(scores, items["gold_score"].to_list()) is not None)
+        out["saturated"] = float(calibration.saturation_warning(scores, items["gold_score"].to_list()) is not None)
     return out
 
 

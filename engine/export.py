@@ -19,7 +19,8 @@ def export_pairs(store: Store, run_id: str, iteration: int, out: Path, include_r
     for row in frame.iter_rows(named=True):
         chosen_text, chosen_score = row["chosen_text"], row["chosen_score"]
         if row["status"] == "edited":
-            chosen_text, chosen_score = format_judgment(row["edited_rationale"], row["edited_score"]), row["edited_score"]
+            chosen_score = row["edited_score"]
+            chosen_text = format_judgment(row["edited_rationale"], chosen_score)
         records.append({
             "prompt": absolute_messages(row),
             "chosen": [{"role": "assistant", "content": chosen_text}],

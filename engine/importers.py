@@ -37,6 +37,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ __all__ = [
 ]  # fmt: skip
 
 ITEM_SCHEMA: dict[str, pl.DataType] = {
-    c: (pl.Float64 if c == "gold_score" else pl.Int64 if c in ("source_row", "item_id") else pl.Utf8) for c in ITEM_COLUMNS
+    c: (pl.Float64 if c == "gold_score" else pl.Int64 if c in ("source_row", "item_id") else pl.Utf8)
+    for c in ITEM_COLUMNS
 }
 # Fields the content hash covers, in this order (never the dataset name, split, feedback or meta); an item's
 # input is appended only when it has one, so items without input keep the ids they had before inputs existed.
@@ -365,8 +367,8 @@ def read_items(
         out = []
         for row, rec in records:
             try:
-                row_split_, partials = _collect(lambda: row_split(rec, split_override),
-                                                lambda: spec.convert(rec, ctx, row))  # noqa: B023
+                row_split_, partials = _collect(partial(row_split, rec, split_override),
+                                                partial(spec.convert, rec, ctx, row))
                 for item in _finish(partials, row, row_split_):
                     if ids.add(item):
                         out.append(item)

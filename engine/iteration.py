@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -24,7 +25,7 @@ from engine.evaluation import eval_requests
 from engine.judging import JudgeRequest, sample_and_store
 from engine.models import EMBEDDED, resolve_model
 from engine.prompts import absolute_messages, format_judgment
-from engine.runs import check_run_id, save_run_config
+from engine.runs import STAGE_PROCESS_ENV, check_run_id, save_run_config
 from engine.sampling import Sampler, SamplingParams, make_sampler
 from engine.workspace import RunLog, Workspace
 from store import Store, StoreError
@@ -197,6 +198,44 @@ def run_single_stage(ws: Workspace, run_id: str, new_run_id: str | None = None, 
     return metrics
 
 
+class StageProcessError(StoreError):
+    """A stage run in a child process (backend vllm) exited with an error; its run.log lines say why."""
+
+
+def _stderr_fd() -> int | None:
+    """This process's stderr as a file descriptor for a child's stdout (None: inherit, where stderr has none,
+    e.g. under a test runner that replaced it)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _stop_child(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM to a stage's child (its runner marks the stage cancelled and exits), SIGKILL to it and what it
+    started (vLLM's engine processes) if it is not gone after `grace_s`. Further signals to this process
+    while it waits do not interrupt the stopping."""
+    import psutil
+
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            deadline = float("inf")
+        try:
+            proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        except (Cancelled, KeyboardInterrupt):  # a second cancel while stopping: keep stopping
+            pass
+
+
 class Runner:
     """Runs the stages of one stored run. `sampler_factory(model_path)` lets tests inject a sampler.
     `on_progress(iteration, stage, done, total, **extra)` (e.g. `ProgressLines()`) also gets the sampling /
@@ -226,17 +265,17 @@ class Runner:
         self.log(f"run {self.run_id}: model={self.cfg.model} iterations={self.cfg.iterations}")
         try:
             self.sft()
-            self.evaluate(0)
+            self.run_stage("evaluate", 0)
             for k in range(1, self.cfg.iterations + 1):
-                self.sample(k)
-                self.curate(k)
+                self.run_stage("sample", k)
+                self.run_stage("curate", k)
                 self.train(k)
-                self.evaluate(k)
+                self.run_stage("evaluate", k)
         except BaseException as e:
             if self._cancelled:
                 self.store.update_run(self.run_id, status="cancelled")
                 self.log("cancelled; `selfrat resume` continues from here")
-                raise self._as_cancelled(e)
+                raise self._as_cancelled(e)  # noqa: B904 (_as_cancelled keeps e as the cause)
             self.store.update_run(self.run_id, status="failed", error=f"{type(e).__name__}: {e}")
             self.log(f"failed: {type(e).__name__}: {e}")
             raise
@@ -273,6 +312,67 @@ class Runner:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
+    # -------------------------------------------------------------- stages in their own process
+
+    def in_child_processes(self) -> bool:
+        """Whether run_all runs the stages that load the judge for sampling (sample, evaluate, and curate with
+        the meta strategy) as child processes: with backend vllm, whose engine does not give its GPU memory
+        back within a process, so that training (in this process) starts on free GPUs. The transformers
+        backend (and an injected test sampler) samples in this process."""
+        return self.cfg.sampling.backend == "vllm" and self._sampler_factory is None
+
+    def run_stage(self, stage: str, k: int):
+        """`stage` ("sample", "curate" or "evaluate") of iteration k as run_all runs it: in a child process
+        (`stage_argv`) when `in_child_processes()`, the stage samples and there is work to do; else
+        `self.sample(k)` / `self.curate(k)` / `self.evaluate(k)` in this process."""
+        if stage not in ("sample", "curate", "evaluate"):
+            raise ValueError(f"run_stage: {stage!r} is not a stage that samples (sample, curate, evaluate)")
+        if not self.in_child_processes() or not self._stage_has_work(stage, k):
+            return getattr(self, stage)(k)
+        self._run_child(stage, k)
+        return None
+
+    def _stage_has_work(self, stage: str, k: int) -> bool:
+        if stage == "evaluate" and k == 0 and not self.cfg.evaluate_initial:
+            return False  # marked skipped in this process; nothing to load
+        if stage == "curate" and self.cfg.curation.strategy != "meta":
+            return False  # no judge involved: in this process
+        try:
+            status = self.store.iteration(self.run_id, k)[f"{stage}_status"]
+        except StoreError:  # no row yet: the child creates it
+            return True
+        return status not in ("done", "skipped")
+
+    def stage_argv(self, stage: str, k: int) -> list[str]:
+        """The command of a stage's child process: the CLI's own `sample` / `curate` / `evaluate --run`."""
+        return [sys.executable, "-m", "selfrat", "--workspace", str(self.ws.root), stage, "--run", self.run_id,
+                "--iteration", str(k)]
+
+    def _run_child(self, stage: str, k: int) -> None:
+        """Run the child and wait for it. Its runner writes the stage's rows, status and progress to the store,
+        run.log and progress.jsonl as this process would; its console output goes to this process's stderr
+        (stdout stays clean for --json). A cancel (SIGTERM / SIGINT here) terminates the child first."""
+        argv = self.stage_argv(stage, k)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", STAGE_PROCESS_ENV: self.run_id}
+        # The child stays in this process group, so a job cancel (SIGTERM to the group) reaches it as well.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=_stderr_fd(), env=env)
+        self.log(f"[iter {k}] {stage}: in its own process (pid {proc.pid}; backend vllm frees its GPU memory "
+                 f"when the process exits): {' '.join(argv)}")
+        try:
+            code = proc.wait()
+        except BaseException:
+            _stop_child(proc)
+            with contextlib.suppress(StoreError):  # the child marks it when it can; a killed child cannot
+                if self.store.iteration(self.run_id, k)[f"{stage}_status"] == "running":
+                    self.store.set_stage(self.run_id, k, stage, "cancelled" if self._cancelled else "failed")
+            raise
+        if code != 0:
+            with contextlib.suppress(StoreError):
+                if self.store.iteration(self.run_id, k)[f"{stage}_status"] == "running":
+                    self.store.set_stage(self.run_id, k, stage, "failed")
+            raise StageProcessError(f"[iter {k}] {stage}: its process (pid {proc.pid}) exited with code {code}; "
+                                    f"see {self.log.log_path}")
+
     # -------------------------------------------------------------- models
 
     def base_model(self) -> str:
@@ -300,7 +400,8 @@ class Runner:
                 self._samplers[model_path] = self._sampler_factory(model_path)
             else:
                 self._samplers[model_path] = make_sampler(self.cfg.sampling.backend, model_path,
-                                                          self.cfg.sampling.device)
+                                                          self.cfg.sampling.device, self.cfg.sampling.precision,
+                                                          vllm=self.cfg.sampling.vllm)
         return self._samplers[model_path]
 
     def _stage(self, iteration: int, stage: str) -> bool:
@@ -327,7 +428,7 @@ class Runner:
         except BaseException as e:
             if self._cancelled:
                 self.store.set_stage(self.run_id, iteration, stage, "cancelled")
-                raise self._as_cancelled(e)
+                raise self._as_cancelled(e)  # noqa: B904 (_as_cancelled keeps e as the cause)
             self.store.set_stage(self.run_id, iteration, stage, "failed")
             raise
 
@@ -372,7 +473,7 @@ class Runner:
             return self.store.iteration(self.run_id, 0)["train_metrics"] or {}
 
         def work():
-            from engine.training import invalid_sft_items, sft_examples, train_sft  # heavy (TRL)
+            from engine.training import checkpoint_precision, invalid_sft_items, sft_examples, train_sft  # heavy
 
             items = self.store.items(sft.dataset, _split(sft.split))
             items = self._uncontaminated(items, sft.dataset, _split(sft.split), "seed SFT")
@@ -395,8 +496,12 @@ class Runner:
             self._samplers.clear()
             metrics = train_sft(model_path=self.base_model(), examples=examples, cfg=sft, out_dir=out_dir,
                                 device=self.cfg.sampling.device, log=self.log,
-                                progress=lambda d, t: self.log.progress(0, "train", d, t, echo=False))
-            self.store.set_stage(self.run_id, 0, "train", "done", checkpoint=str(out_dir), report=metrics)
+                                progress=lambda d, t: self.log.progress(0, "train", d, t, echo=False),
+                                distributed=self.cfg.training.distributed, report_to=self.cfg.training.report_to,
+                                tb_dir=self.run_dir / "tb" / out_dir.name,
+                                work_dir=self.run_dir / "train" / out_dir.name)
+            self.store.set_stage(self.run_id, 0, "train", "done", checkpoint=str(out_dir), report=metrics,
+                                 precision=checkpoint_precision(out_dir))
             return metrics
         return self._guarded(0, "train", work)
 
@@ -462,7 +567,7 @@ class Runner:
             return self.store.iteration(self.run_id, k)["train_metrics"] or {}
 
         def work():
-            from engine.training import train_dpo  # heavy (TRL): imported only when training
+            from engine.training import checkpoint_precision, train_dpo  # heavy (TRL): imported only when training
 
             policy = self.model_of(k - 1)
             reference = self.initial_model() if self.cfg.training.reference == "initial" else policy
@@ -484,9 +589,12 @@ class Runner:
             self._samplers.clear()  # free the sampler's model before training
             metrics = train_dpo(policy_path=policy, reference_path=reference, pairs=pairs, cfg=self.cfg.training,
                                 out_dir=out_dir, device=self.cfg.sampling.device, log=self.log,
-                                progress=lambda d, t: self.log.progress(k, "train", d, t, echo=False))
+                                progress=lambda d, t: self.log.progress(k, "train", d, t, echo=False),
+                                tb_dir=self.run_dir / "tb" / out_dir.name,
+                                work_dir=self.run_dir / "train" / out_dir.name)
             metrics = {**metrics, "train/pairs": len(pairs)}
-            self.store.set_stage(self.run_id, k, "train", "done", checkpoint=str(out_dir), report=metrics)
+            self.store.set_stage(self.run_id, k, "train", "done", checkpoint=str(out_dir), report=metrics,
+                                 precision=checkpoint_precision(out_dir))
             return metrics
         return self._guarded(k, "train", work)
 
@@ -599,8 +707,8 @@ class Runner:
         """The judge's meta-ratings of `judgments` (rated now where missing), by this judge only."""
         from engine.meta import rate_judgments
 
-        rate_judgments(self.store, sampler, judgments, items, run_id=self.run_id, iteration=k, params=self._meta_params(),
-                       batch_size=self.cfg.sampling.batch_size,
+        rate_judgments(self.store, sampler, judgments, items, run_id=self.run_id, iteration=k,
+                       params=self._meta_params(), batch_size=self.cfg.sampling.batch_size,
                        progress=lambda d, t: self._progress(k, "evaluate", d, t, method="meta-judge"))
         ratings = self.store.meta_ratings(self.run_id, k, purpose)
         return ratings.filter(pl.col("rater_model") == sampler.model_name)

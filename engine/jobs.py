@@ -1,7 +1,7 @@
 """Jobs: a run started as a separate `selfrat` process, and how the app watches and stops it.
 
     from engine import jobs
-    job = jobs.launch_run(ws, cfg, "first")          # python -m selfrat --workspace WS run configs/first.yaml --run-id first
+    job = jobs.launch_run(ws, cfg, "first")          # python -m selfrat -w WS run configs/first.yaml --run-id first
     jobs.launch_run(ws, cfg, "first", dry_run=True)  # the same checks and argv, nothing written or started
     jobs.status(ws, "first")                         # {"running": True, "progress": {"stage": "sample", ...}, ...}
     jobs.running(ws)                                 # the status of every run with a live process

@@ -58,6 +58,9 @@ def sample_and_store(
     bar = tqdm(total=total, initial=done, desc=f"{purpose} judgments (iteration {iteration})", unit="item",
                disable=not sys.stderr.isatty())
     for indices, reqs in todo.items():
+        # Batches of similar prompt length waste less on left padding. Each judgment has its own seed, so the
+        # order changes no draw.
+        reqs = sorted(reqs, key=lambda r: sum(len(m["content"]) for m in r.messages))
         for start in range(0, len(reqs), batch_size):
             batch = reqs[start:start + batch_size]
             seeds = [[judgment_seed(base_seed, f"{r.item_id}/{r.side}", j) for j in indices] for r in batch]
@@ -78,7 +81,7 @@ def sample_and_store(
                         "forced": s.forced, **{f"p{k + 1}": probs[k] for k in range(5)},
                         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
                         "latency_s": s.latency_s if s.latency_s is not None else elapsed / max(1, len(batch)),
-                        "verdict": s.verdict,
+                        "verdict": s.verdict, "precision": getattr(sampler, "precision", None),
                     })
             written += store.insert_judgments(rows)
             done += len(batch)

@@ -178,17 +178,16 @@ def resolve_model(spec: str, workspace: Path | None = None) -> str:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """fp32 on CPU (bf16 matmuls are ~10x slower on AVX2 CPUs), bf16 on CUDA."""
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-
-
-def load_model_and_tokenizer(path: str, device: str = "auto", dtype: torch.dtype | None = None):
-    """Load a causal LM and its tokenizer for inference: eval mode, no remote code, left padding."""
+def load_model_and_tokenizer(path: str, device: str = "auto", dtype: torch.dtype | None = None,
+                             precision: str = "auto"):
+    """Load a causal LM and its tokenizer for inference: eval mode, no remote code, left padding. The weights
+    are in `dtype` if given, else in what `precision` resolves to on the device (engine/precision.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from engine.precision import resolve_precision, torch_dtype
+
     device = resolve_device(device)
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or torch_dtype(resolve_precision(precision, device))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -448,8 +448,8 @@ def _cia_convert(rec, ctx, row):
 
 # pairwise -----------------------------------------------------------------------------------------
 
-_PAIR_CONSUMED = {"prompt", "instruction", "input", "chosen", "rejected", "response_a", "response", "response_b", "label",
-                  "reference", "rubric", "score_rubric", *RUBRIC_KEYS}  # fmt: skip
+_PAIR_CONSUMED = {"prompt", "instruction", "input", "chosen", "rejected", "response_a", "response", "response_b",
+                  "label", "reference", "rubric", "score_rubric", *RUBRIC_KEYS}  # fmt: skip
 
 
 def _raw_labels(records, key="label", n=10) -> str:

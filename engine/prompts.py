@@ -71,6 +71,18 @@ DEFAULT_RUBRIC = Rubric(
 # Placeholders: {instruction}, {response} / {response_a}, {response_b}, {reference}, {rubric} (absolute: the
 # full rendered rubric; relative: the criteria line only). Values are substituted with str.format, which
 # does not re-read braces inside the values, so instructions containing code are safe.
+# A template is its task text, then one "###Header:" section a placeholder, then the "###Feedback: " cue:
+#
+#     ###The instruction to evaluate:
+#     {instruction}
+#
+#     ###Response to evaluate:
+#     {response}
+#     ...
+#     ###Feedback: <- the judge writes from here
+#
+# Each comes with and without a reference answer; without one, neither the task text (its "{given}" clause)
+# nor a section mentions it.
 
 _ABSOLUTE_TASK = """###Task Description:
 An instruction (might include an Input inside it), a response to evaluate, {given}, and a score rubric representing an evaluation criteria are given.
@@ -79,40 +91,6 @@ An instruction (might include an Input inside it), a response to evaluate, {give
 3. The output format should look as follows: "Feedback: (write a feedback for criteria) [RESULT] (an integer number between 1 and 5)"
 4. Please do not generate any other opening, closing, and explanations.
 """
-
-ABSOLUTE_TEMPLATE = (
-    _ABSOLUTE_TASK.replace("{given}", "a reference answer that gets a score of 5")
-    + """
-###The instruction to evaluate:
-{instruction}
-
-###Response to evaluate:
-{response}
-
-###Reference Answer (Score 5):
-{reference}
-
-###Score Rubrics:
-{rubric}
-
-###Feedback: """
-)
-
-ABSOLUTE_TEMPLATE_NO_REF = (
-    # The task text must not promise a reference answer that the prompt then lacks.
-    _ABSOLUTE_TASK.replace(", {given},", ",")
-    + """
-###The instruction to evaluate:
-{instruction}
-
-###Response to evaluate:
-{response}
-
-###Score Rubrics:
-{rubric}
-
-###Feedback: """
-)
 
 _RELATIVE_TASK = """###Task Description:
 An instruction (might include an Input inside it), two responses to evaluate (denoted as Response A and Response B), {given}, and an evaluation criteria are given.
@@ -123,43 +101,39 @@ An instruction (might include an Input inside it), two responses to evaluate (de
 5. Please do not generate any other opening, closing, and explanations.
 """
 
-RELATIVE_TEMPLATE = (
-    _RELATIVE_TASK.replace("{given}", "a reference answer")
-    + """
-###Instruction:
-{instruction}
+# Section headers of the absolute template, which parse_prometheus_prompt (below) reads back.
+_H_INSTRUCTION = "The instruction to evaluate"
+_H_RESPONSE = "Response to evaluate"
+_H_REFERENCE = "Reference Answer (Score 5)"
+_H_RUBRIC = "Score Rubrics"
+_H_FEEDBACK = "Feedback"
 
-###Response A:
-{response_a}
 
-###Response B:
-{response_b}
+def _with_and_without_reference(
+    task: str, given: str, sections: list[tuple[str, str]], reference_header: str
+) -> tuple[str, str]:
+    """The template with a reference answer and the one without, from the task text and its ``(header,
+    placeholder)`` sections; the reference section goes just before the last (the rubric's)."""
 
-###Reference Answer:
-{reference}
+    def build(head: str, body: list[tuple[str, str]]) -> str:
+        return head + "".join(f"\n###{h}:\n{{{field}}}\n" for h, field in body) + f"\n###{_H_FEEDBACK}: "
 
-###Score Rubric:
-{rubric}
+    with_reference = [*sections[:-1], (reference_header, "reference"), sections[-1]]
+    return build(task.replace("{given}", given), with_reference), build(task.replace(", {given},", ","), sections)
 
-###Feedback: """
+
+ABSOLUTE_TEMPLATE, ABSOLUTE_TEMPLATE_NO_REF = _with_and_without_reference(
+    _ABSOLUTE_TASK,
+    "a reference answer that gets a score of 5",
+    [(_H_INSTRUCTION, "instruction"), (_H_RESPONSE, "response"), (_H_RUBRIC, "rubric")],
+    _H_REFERENCE,
 )
-
-RELATIVE_TEMPLATE_NO_REF = (
-    _RELATIVE_TASK.replace(", {given},", ",")
-    + """
-###Instruction:
-{instruction}
-
-###Response A:
-{response_a}
-
-###Response B:
-{response_b}
-
-###Score Rubric:
-{rubric}
-
-###Feedback: """
+RELATIVE_TEMPLATE, RELATIVE_TEMPLATE_NO_REF = _with_and_without_reference(
+    _RELATIVE_TASK,
+    "a reference answer",
+    [("Instruction", "instruction"), ("Response A", "response_a"), ("Response B", "response_b"),
+     ("Score Rubric", "rubric")],
+    "Reference Answer",
 )
 
 
@@ -270,11 +244,11 @@ def format_judgment(rationale: str, score: int | str) -> str:
 # Prometheus eval sets (vicuna, mt_bench, HHH) ship full absolute-grading prompts, not their parts: the
 # inverse of ABSOLUTE_TEMPLATE lives here, beside it, and tests render-then-parse to keep the two in step.
 
-_P_INSTRUCTION = "###The instruction to evaluate:"
-_P_RESPONSE = "###Response to evaluate:"
-_P_REFERENCE = "###Reference Answer (Score 5):"
-_P_RUBRIC = "###Score Rubrics:"
-_P_FEEDBACK = "###Feedback:"
+_P_INSTRUCTION = f"###{_H_INSTRUCTION}:"
+_P_RESPONSE = f"###{_H_RESPONSE}:"
+_P_REFERENCE = f"###{_H_REFERENCE}:"
+_P_RUBRIC = f"###{_H_RUBRIC}:"
+_P_FEEDBACK = f"###{_H_FEEDBACK}:"
 _P_RUBRIC_RE = re.compile(
     r"""
     \s*(?P<criteria>.*?)\s*        # "[criteria]" (brackets stripped later), up to the first score line
@@ -390,7 +364,7 @@ def render_meta(instruction: str, response: str, rubric: Rubric, feedback: str, 
     fields = dict(instruction=instruction, response=response, rubric=rubric.render(), feedback=feedback.strip(),
                   meta_rubric=META_RUBRIC.render())
     if _has_reference(reference):
-        return META_TEMPLATE.format(reference_section=f"\n###Reference Answer (Score 5):\n{reference}\n", **fields)
+        return META_TEMPLATE.format(reference_section=f"\n###{_H_REFERENCE}:\n{reference}\n", **fields)
     return META_TEMPLATE_NO_REF.format(reference_section="", **fields)
 
 

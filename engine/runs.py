@@ -44,6 +44,10 @@ AMENDABLE = ("iterations", "sampling", "curation", "training", "evaluation")
 EVALUATE_METHODS = ("greedy", "expected", "self-consistency", "best-of-n", "relative")
 # The stages `selfrat sample|train` run on their own (curate and evaluate have their own functions).
 STAGES = ("sample", "train")
+# Set (to the run id) in the environment of a stage the runner runs as a child process (backend vllm, see
+# Runner.run_stage): that `selfrat evaluate --run` logs its progress to run.log as the runner itself would,
+# and that `selfrat curate` does not take its own runner for another job of the run.
+STAGE_PROCESS_ENV = "SELFRAT_STAGE_OF_RUN"
 
 
 # ------------------------------------------------------------------ ids and configs
@@ -110,9 +114,12 @@ def amend_config(stored: dict, cfg: RunConfig | None = None, iterations: int | N
 
 
 def _refuse_other_job(ws: Workspace, run_id: str) -> None:
-    """StoreError while a job of this run runs in another process (this process may be that job)."""
+    """StoreError while a job of this run runs in another process (this process may be that job, or a stage
+    that job's runner started as a child process)."""
     from engine import jobs  # jobs imports this module
 
+    if os.environ.get(STAGE_PROCESS_ENV) == run_id:
+        return
     job = jobs.current(ws.root, run_id)
     if job is not None and job.pid != os.getpid():
         raise StoreError(f"run {run_id} is running as job pid {job.pid}; cancel it first")
@@ -190,7 +197,9 @@ def curate(ws: Workspace, run_id: str, iteration: int, *, strategy: str | None =
     stored = store.run(run_id)["config"].get("curation") or {}
     sample_status = store.iteration(run_id, iteration)["sample_status"]
     if sample_status != "done":
-        raise StoreError(f"iteration {iteration} of {run_id} is not sampled (sample: {sample_status}); nothing to curate")
+        raise StoreError(
+            f"iteration {iteration} of {run_id} is not sampled (sample: {sample_status}); nothing to curate"
+        )
     overrides = {"strategy": strategy, "min_margin": min_margin, "max_pairs_per_item": max_pairs_per_item}
     try:
         cfg = CurationConfig.model_validate({**stored, **{k: v for k, v in overrides.items() if v is not None}})
@@ -262,13 +271,14 @@ def standalone_eval_config(model: str, datasets: list[str], methods: list[str] |
 def evaluate(ws: Workspace, *, run_id: str | None = None, iteration: int | None = None, model: str | None = None,
              datasets: list[str] | tuple[str, ...] = (), suite: str | None = None,
              methods: list[str] | tuple[str, ...] = ("greedy",), n: int = 5, split: str = "eval",
-             max_items: int | None = None, backend: str = "transformers", max_new_tokens: int = 256,
+             max_items: int | None = None, backend: str | None = None, max_new_tokens: int = 256,
              force_score: bool | None = None, bootstrap: int = 1000, echo: bool = True,
              notify: Callable[[str], None] | None = None, progress: TextIO | None = None) -> dict:
     """`selfrat evaluate`: iteration `iteration` of run `run_id` (on `datasets`/`suite`, else the run's eval
     sets), or standalone `model` on `datasets`/`suite` as a new evaluate-only run. `notify` gets one line
     naming the run and its log before the work starts; progress lines (per batch, with an ETA) go to
-    `progress` (default stderr). Returns {"run_id", "iteration", "metrics": {dataset: {metric: value}}}."""
+    `progress` (default stderr). `backend`: the sampling backend (None: the run's, standalone transformers).
+    Returns {"run_id", "iteration", "metrics": {dataset: {metric: value}}}."""
     notify = notify or (lambda line: None)
     datasets = list(datasets)
     if suite:
@@ -279,13 +289,19 @@ def evaluate(ws: Workspace, *, run_id: str | None = None, iteration: int | None 
         raise UsageError("--run needs --iteration")
     # Bad options fail before the runner (and torch) is imported.
     cfg = None if run_id is not None else standalone_eval_config(
-        model, datasets, methods, n=n, split=split, max_items=max_items, backend=backend,
+        model, datasets, methods, n=n, split=split, max_items=max_items, backend=backend or "transformers",
         max_new_tokens=max_new_tokens, force_score=force_score, bootstrap=bootstrap)
     from engine.iteration import ProgressLines, Runner, check_split_has_items, create_run
 
-    on_progress = ProgressLines(progress)
+    # A stage child of a run (backend vllm) logs progress into run.log like its runner; else lines on stderr.
+    on_progress = None if run_id and os.environ.get(STAGE_PROCESS_ENV) == run_id else ProgressLines(progress)
     if cfg is None:
         runner = Runner(ws, run_id, echo=echo, on_progress=on_progress)
+        if backend and backend != runner.cfg.sampling.backend:  # this evaluation only; the run keeps its own
+            try:
+                runner.cfg.sampling.backend = backend
+            except ValidationError as e:
+                raise ConfigError(format_validation_error(e, f"--backend {backend} with run {run_id}")) from None
         check_split_has_items(ws.store(), datasets or runner.cfg.eval_datasets, runner.cfg.eval_split,
                               how=f"evaluate another dataset (run {run_id} evaluates its eval_split)")
         notify(f"evaluate: run {run_id} iteration {iteration}; full log in {runner.run_dir / 'run.log'}")

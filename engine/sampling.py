@@ -3,7 +3,9 @@
 A ``Sampler`` takes chat prompts and returns ``[input][sample]`` lists of ``Sample``. Backends:
 - ``TransformersSampler``: a custom decode loop on transformers (CPU or GPU), see below;
 - ``FakeSampler``: a scripted backend for tests (no model);
-- vLLM: a later issue (``make_sampler("vllm", ...)`` raises ``NotImplementedError``).
+- ``VLLMSampler`` (engine/vllm_sampler.py): vLLM's offline engine (GPU), the same samples as the transformers
+  loop (the score marker, forcing and score probabilities as below); ``make_sampler("vllm", ...)`` raises
+  ``BackendUnavailable`` where vllm is not installed or no GPU is visible.
 
     sampler = make_sampler("transformers", model_path)
     seeds = [[judgment_seed(0, item_id, j) for j in range(4)] for item_id in ids]
@@ -184,6 +186,49 @@ def find_score_tokens(tokenizer, labels: Sequence[int | str] = SCORES) -> ScoreT
     )
 
 
+# ------------------------------------------------------------------------ shared by every model backend
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat template with the generation prompt, as token ids (the template carries its own specials): how
+    every model backend (transformers, vLLM) turns a judge prompt into the tokens it conditions on."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
+    """Where free generation ends: the tokenizer's EOS, the generation config's EOS id(s), and ChatML's
+    <|im_end|> when the vocabulary has it."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return frozenset(i for i in ids if i is not None)
+
+
+def ends_with_marker(tokenizer, tokens: Sequence[int], st: ScoreTokens, token_text=None) -> bool:
+    """Whether the decoded `tokens` end with the result marker, i.e. the next position is the score position.
+    `token_text(id)` (optional, e.g. a cache) decodes one token for the cheap pre-check."""
+    if not tokens:
+        return False
+    last = token_text(tokens[-1]) if token_text else tokenizer.decode([tokens[-1]])
+    if not last.endswith(st.tail[-1]):
+        return False  # cheap pre-check: the last token must end like the marker
+    tail = tokenizer.decode(list(tokens[-(len(st.marker_ids) + 2):]), skip_special_tokens=True)
+    return tail.endswith(st.tail)
+
+
+def draw_label(probs: Sequence[float], temperature: float, generator: torch.Generator) -> int:
+    """The index of a forced result drawn from the probe's probabilities: argmax when greedy (temperature 0),
+    else one multinomial draw from `generator` (the judgment's own, seeded with its seed)."""
+    t = torch.tensor(list(probs), dtype=torch.float32, device=generator.device)
+    if temperature == 0:
+        return int(t.argmax())
+    return int(torch.multinomial(t, 1, generator=generator).item())
+
+
 # ------------------------------------------------------------------------------------- token selection
 
 
@@ -338,10 +383,11 @@ class TransformersSampler:
 
     ``generate`` runs all given prompts as one batch (B prompts -> B*n rows); callers chunk by batch size."""
 
-    def __init__(self, model_path: str, device: str = "auto", dtype: torch.dtype | None = None):
+    def __init__(self, model_path: str, device: str = "auto", dtype: torch.dtype | None = None,
+                 precision: str = "auto"):
         from engine.models import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(model_path, device=device, dtype=dtype)
+        model, tokenizer = load_model_and_tokenizer(model_path, device=device, dtype=dtype, precision=precision)
         self._setup(model, tokenizer, model_path)
 
     @classmethod
@@ -355,6 +401,8 @@ class TransformersSampler:
         self.model_name = model_name
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
+        # recorded with every judgment: what `precision: auto` chose (logits are read in fp32 either way)
+        self.precision = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
         self.score_tokens = find_score_tokens(tokenizer)
         self._verdict_tokens: ScoreTokens | None = None  # found on first relative call: absolute needs none
         self.stop_ids = self._stop_ids()
@@ -365,13 +413,7 @@ class TransformersSampler:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def _stop_ids(self) -> frozenset[int]:
-        ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return frozenset(i for i in ids if i is not None)
+        return stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
 
     def result_tokens(self, mode: str) -> ScoreTokens:
         """The marker and label tokens of `mode`: scores 1..5 (absolute) or verdicts A, B (relative)."""
@@ -383,8 +425,7 @@ class TransformersSampler:
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         """Chat template with the generation prompt, as token ids (the template carries its own specials)."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return chat_prompt_ids(self.tokenizer, messages)
 
     # ------------------------------------------------------------------ public
 
@@ -551,12 +592,7 @@ class TransformersSampler:
         unless the free text had a valid one of its own."""
         labels = _labels(params.mode)
         if not _valid_score(row.judgment, labels):
-            probs = torch.tensor(row.score_probs, device=row.generator.device)
-            if params.temperature == 0:
-                pick = int(probs.argmax())
-            else:
-                pick = int(torch.multinomial(probs, 1, generator=row.generator).item())
-            row.forced_score = labels[pick]
+            row.forced_score = labels[draw_label(row.score_probs, params.temperature, row.generator)]
         self._finish(row)
 
     def _finish(self, row: _Row) -> int:
@@ -576,10 +612,7 @@ class TransformersSampler:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _ends_with_marker(self, tokens: list[int], st: ScoreTokens) -> bool:
-        if not self._token_text(tokens[-1]).endswith(st.tail[-1]):
-            return False  # cheap pre-check: the last token must end like the marker
-        tail = self.tokenizer.decode(tokens[-(len(st.marker_ids) + 2):], skip_special_tokens=True)
-        return tail.endswith(st.tail)
+        return ends_with_marker(self.tokenizer, tokens, st, self._token_text)
 
     def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompt_ids)
@@ -593,33 +626,40 @@ class TransformersSampler:
     def _to_sample(
         self, row: _Row, params: SamplingParams, st: ScoreTokens, prompt_tokens: int, latency_s: float
     ) -> Sample:
-        judgment = row.judgment
-        labels = _labels(params.mode)
-        score = judgment.score if _valid_score(judgment, labels) else None  # the result: a score or a verdict
-        text, forced, completion = judgment.raw, False, len(row.tokens)
-        if score is None and row.forced_score is not None:  # closed by the probe
-            score, forced = row.forced_score, True
-            text = _forced_text(judgment.raw, score)
-            completion += row.probe_tokens + 1
-        elif score is None and params.force_score and row.free_score_token is not None:
-            # The row wrote "[RESULT] k" itself but the parser rejects the whole (e.g. ambiguous): keep
-            # the text, take the digit the model drew at the score position.
-            score, forced = labels[st.score_ids.index(row.free_score_token)], True
-        score, verdict = _split_result(score, params.mode)
-        return Sample(
-            text=text,
-            raw_text=judgment.raw,
-            rationale=judgment.rationale,
-            score=score,
-            parse_status=judgment.status.value,
-            forced=forced,
-            score_probs=row.score_probs,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
-            latency_s=latency_s,
-            seed=row.seed,
-            verdict=verdict,
-        )
+        return sample_from_row(row, params, st, prompt_tokens, latency_s)
+
+
+def sample_from_row(row: _Row, params: SamplingParams, st: ScoreTokens, prompt_tokens: int,
+                    latency_s: float) -> Sample:
+    """A finished row as a Sample: the parsed result, else the probe's forced one; shared by the model
+    backends (the vLLM backend fills a _Row from its two passes)."""
+    judgment = row.judgment
+    labels = _labels(params.mode)
+    score = judgment.score if _valid_score(judgment, labels) else None  # the result: a score or a verdict
+    text, forced, completion = judgment.raw, False, len(row.tokens)
+    if score is None and row.forced_score is not None:  # closed by the probe
+        score, forced = row.forced_score, True
+        text = _forced_text(judgment.raw, score)
+        completion += row.probe_tokens + 1
+    elif score is None and params.force_score and row.free_score_token is not None:
+        # The row wrote "[RESULT] k" itself but the parser rejects the whole (e.g. ambiguous): keep
+        # the text, take the digit the model drew at the score position.
+        score, forced = labels[st.score_ids.index(row.free_score_token)], True
+    score, verdict = _split_result(score, params.mode)
+    return Sample(
+        text=text,
+        raw_text=judgment.raw,
+        rationale=judgment.rationale,
+        score=score,
+        parse_status=judgment.status.value,
+        forced=forced,
+        score_probs=row.score_probs,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        latency_s=latency_s,
+        seed=row.seed,
+        verdict=verdict,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ fake
@@ -685,14 +725,20 @@ class FakeSampler:
 
 
 class BackendUnavailable(SelfratError, NotImplementedError):
-    """A sampling backend the config may name but this install cannot run yet (vLLM)."""
+    """A sampling backend the config may name but this machine cannot run (vLLM without the vllm package, or
+    without a GPU); the message says what is missing."""
 
 
-def make_sampler(backend: str, model_path: str, device: str = "auto") -> Sampler:
-    """The sampler for a config's ``backend``: "transformers" here; "vllm" lands later. (Tests build
+def make_sampler(backend: str, model_path: str, device: str = "auto", precision: str = "auto",
+                 vllm=None) -> Sampler:
+    """The sampler for a config's ``backend``: "transformers" (CPU/GPU) or "vllm" (GPU; `vllm`: the
+    ``sampling.vllm`` settings, a ``VLLMConfig`` or None for its defaults). (Tests build
     ``FakeSampler(script)`` directly and hand it to the runner as ``sampler_factory``: it is no backend.)"""
     if backend == "transformers":
-        return TransformersSampler(model_path, device=device)
+        return TransformersSampler(model_path, device=device, precision=precision)
     if backend == "vllm":
-        raise BackendUnavailable("the vLLM backend lands in a later issue")
+        from engine.vllm_sampler import VLLMSampler, check_vllm_usable
+
+        check_vllm_usable(device, vllm)  # BackendUnavailable before anything heavy is loaded
+        return VLLMSampler(model_path, settings=vllm, precision=precision)
     raise ValueError(f"unknown sampling backend {backend!r}: expected transformers or vllm")

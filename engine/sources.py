@@ -122,7 +122,9 @@ def _sniff(path: Path) -> str:
     return {b"[": "json-array", b"{": "json-object"}.get(first, "other")
 
 
-def _decode_error(path: Path, data: bytes, err: UnicodeDecodeError, codec: str, line: int | None = None) -> ImportFailed:
+def _decode_error(
+    path: Path, data: bytes, err: UnicodeDecodeError, codec: str, line: int | None = None
+) -> ImportFailed:
     line = line if line is not None else data.count(b"\n", 0, err.start) + 1
     byte = data[err.start : err.start + 1].hex()
     shown = "UTF-8" if codec == "utf-8-sig" else codec

@@ -28,7 +28,8 @@ Precision: the weights are always loaded and trained in fp32 (master weights); `
 (TRL's `bf16=True`), not bf16 weights. With lr ~5e-6, Adam's per-step update is below bf16's resolution for
 weights of size ~1e-2 (ulp ~8e-5), so pure-bf16 weights would silently drop most updates, and merging a small
 LoRA delta into bf16 weights rounds it away the same way. fp32 copies of a 135M judge cost ~2 GB on GPU.
-On CPU, `auto` is fp32: bf16 autocast makes a DPO step ~10x slower on AVX2 machines.
+`auto` follows the hardware (engine/precision.py): bf16 autocast on CUDA and on CPUs that compute bf16 natively
+(AMX / AVX512-BF16: a DPO step ~3x faster), fp32 on AVX2-only CPUs, where bf16 autocast is ~10x slower.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.config import SFTConfig, TrainingConfig
+from engine.config import DistributedConfig, SFTConfig, TrainingConfig
 from engine.devices import resolve_device, use_device
 from engine.metrics import round_half_up
+from engine.precision import resolve_precision
 from engine.prompts import absolute_messages, format_judgment
 from store.errors import UsageError
 
@@ -204,8 +207,6 @@ def sequence_logprob(
 # --- Shared by both stages ------------------------------------------------------------------------------
 
 
-def _resolve_precision(precision: str, dev: str) -> str:
-    return precision if precision != "auto" else ("bf16" if dev == "cuda" else "fp32")
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -218,6 +219,12 @@ def _same_model(a: str, b: str) -> bool:
 def _read_finished(out_dir: Path) -> dict | None:
     marker = out_dir / CHECKPOINT_FILE
     return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def checkpoint_precision(out_dir: Path) -> str | None:
+    """The precision a finished checkpoint was trained in ("bf16" / "fp32"), None if it records none."""
+    record = _read_finished(Path(out_dir))
+    return record.get("precision") if record else None
 
 
 def _stored_metrics(out_dir: Path, say: Callable[[str], None]) -> dict[str, float] | None:
@@ -233,11 +240,15 @@ def _stored_metrics(out_dir: Path, say: Callable[[str], None]) -> dict[str, floa
 
 
 @contextmanager
-def _checkpoint_dirs(out_dir: Path) -> Iterator[tuple[Path, Path]]:
+def _checkpoint_dirs(out_dir: Path, main: bool = True) -> Iterator[tuple[Path, Path]]:
     """(tmp_dir, scratch): the checkpoint is written to tmp_dir and published by `_publish`; scratch is TRL's
-    output_dir, where nothing is saved (save_strategy no). Both are removed on exit, success or not."""
+    output_dir, where nothing is saved (save_strategy no). Both are removed on exit, success or not.
+    `main`: this process owns the dirs (every rank but rank 0 of a distributed launch leaves them alone)."""
     tmp_dir = out_dir.parent / f"{out_dir.name}.tmp"
     scratch = out_dir.parent / f".{out_dir.name}.trl"
+    if not main:
+        yield tmp_dir, scratch
+        return
     for d in (tmp_dir, scratch):
         shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted run
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -249,14 +260,18 @@ def _checkpoint_dirs(out_dir: Path) -> Iterator[tuple[Path, Path]]:
 
 
 def _trl_args(*, scratch: Path, dev: str, precision: str, seed: int, learning_rate: float, epochs: float,
-              batch_size: int, gradient_accumulation_steps: int, max_length: int) -> dict[str, Any]:
+              batch_size: int, gradient_accumulation_steps: int, max_length: int,
+              report_to: Sequence[str] = ("none",)) -> dict[str, Any]:
     """TRL config fields that SFTConfig and DPOConfig share."""
     return dict(
         output_dir=str(scratch),
         learning_rate=learning_rate,
         num_train_epochs=epochs,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
+        # On CPU a batch runs as micro-batches of one example, accumulated to the same optimizer step: the
+        # cores are busy with one ~1,500-token sequence already, so batching buys no speed there, while it pads
+        # every example to the longest and holds all their activations at once (a batch of 4 CIA pairs: > 20 GB).
+        per_device_train_batch_size=1 if dev == "cpu" else batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps * (batch_size if dev == "cpu" else 1),
         max_length=max_length,
         seed=seed,
         # TRL turns bf16 on unless told otherwise (even on CPU): always say which.
@@ -267,11 +282,12 @@ def _trl_args(*, scratch: Path, dev: str, precision: str, seed: int, learning_ra
         # renamed it `activation_checkpointing` and warns on the old name, which TRL's default sets.
         activation_checkpointing=dev.startswith("cuda"),
         trust_remote_code=False,
-        report_to="none",
+        report_to=list(report_to),  # training.report_to; tensorboard's dir is set by `_point_tensorboard`
         save_strategy="no",
         logging_strategy="steps",
         logging_steps=1,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # DDP only: every trained weight takes part in each step
         disable_tqdm=True,  # progress goes through `log`
     )
 
@@ -311,11 +327,34 @@ def _train(trainer) -> tuple[list[dict], int, float]:
     return trainer.state.log_history, trainer.state.global_step, float(result.metrics["train_runtime"])
 
 
-def _publish(trainer, tokenizer, *, lora: bool, tmp_dir: Path, out_dir: Path, record: dict) -> None:
-    """Saves the trained model (LoRA merged) with `record` as its marker and moves it into place."""
-    trained = trainer.model
-    if lora:
-        trained = trained.merge_and_unload()  # plain weights: the next stage needs no peft
+def _publish(trainer, tokenizer, *, lora: bool, tmp_dir: Path, out_dir: Path, record: dict,
+             base_path: str | None = None, lora_config=None, quantized: bool = False) -> None:
+    """Saves the trained model (LoRA merged) with `record` as its marker and moves it into place.
+
+    One process, or DDP: rank 0 saves its own full copy. FSDP / ZeRO-3: every rank joins in gathering the full
+    state dict, and rank 0 loads it into a fresh fp32 copy of `base_path` (LoRA merged there). QLoRA: the
+    trained adapters are merged into a fresh fp32 copy of `base_path` (not into the 4-bit weights)."""
+    from accelerate.utils import DistributedType
+
+    acc = trainer.accelerator
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state, adapter_only = None, False
+    if sharded:  # a collective: every rank must call it
+        wrapped = trainer.model_wrapped if acc.distributed_type == DistributedType.DEEPSPEED else trainer.model
+        state = acc.get_state_dict(wrapped)
+    elif quantized:
+        from peft import get_peft_model_state_dict
+
+        state, adapter_only = get_peft_model_state_dict(acc.unwrap_model(trainer.model)), True
+    if not acc.is_main_process:
+        acc.wait_for_everyone()  # rank 0 writes; the others leave once it has
+        return
+    if state is not None:
+        trained = rebuilt_model(base_path, state, lora_config if lora else None, adapter_only=adapter_only)
+    else:
+        trained = acc.unwrap_model(trainer.model)
+        if lora:
+            trained = trained.merge_and_unload()  # plain weights: the next stage needs no peft
     trained.config.use_cache = True
     trained.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
@@ -325,14 +364,116 @@ def _publish(trainer, tokenizer, *, lora: bool, tmp_dir: Path, out_dir: Path, re
     if out_dir.exists():
         out_dir.rmdir()  # empty (checked by `_stored_metrics`); os.replace would do it too, but only on POSIX
     os.replace(tmp_dir, out_dir)
+    acc.wait_for_everyone()
 
 
-def _load(model_path: str):
+def rebuilt_model(base_path: str, state: Mapping[str, Any], lora_config=None, adapter_only: bool = False):
+    """A plain fp32 model: `base_path` loaded afresh with the trained weights `state` put in (a full state dict
+    as FSDP / ZeRO-3 gather it, peft's key names with LoRA; `adapter_only`: just the LoRA weights, as
+    peft's `get_peft_model_state_dict` gives them), LoRA merged. Names any weight that did not fit."""
+    model = _load(base_path)
+    if lora_config is not None:
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        model = get_peft_model(model, lora_config)
+    state = {k: v.detach().float().cpu() for k, v in state.items()}
+    if adapter_only:
+        result = set_peft_model_state_dict(model, state)
+        missing, unexpected = [k for k in result.missing_keys if "lora_" in k], list(result.unexpected_keys)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+        missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"the trained weights do not fit {base_path}: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    return model.merge_and_unload() if lora_config is not None else model
+
+
+def _load(model_path: str, quantization: str | None = None, precision: str = "fp32"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if quantization == "4bit":
+        return _load_4bit(model_path, precision)
     # fp32 master weights: see the module docstring
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=False)
+
+
+def _load_4bit(model_path: str, precision: str):
+    """QLoRA's base: NF4 weights with double quantization (bitsandbytes), computing in the stage's precision,
+    on this process's GPU, prepared for k-bit training (norms in fp32, input grads for checkpointing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("quantization: 4bit (QLoRA) needs the bitsandbytes package, which is not installed "
+                         "here: pip install bitsandbytes (CUDA only)")
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise UsageError("quantization: 4bit (QLoRA) needs a CUDA GPU; none is visible here")
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quant, dtype=compute,
+                                                 device_map={"": torch.cuda.current_device()},
+                                                 trust_remote_code=False)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+
+
+# Trackers (training.report_to) and the package each needs.
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",),
+                     "trackio": ("trackio",)}
+
+
+def _require_trackers(report_to: Sequence[str]) -> None:
+    """UsageError naming each tracker in `report_to` whose package is not installed (before any training)."""
+    import importlib.util
+
+    missing = [f"{name} (pip install {pkgs[0]})" for name in report_to if name != "none"
+               for pkgs in [_TRACKER_PACKAGES[name]] if not any(importlib.util.find_spec(p) for p in pkgs)]
+    if missing:
+        raise UsageError(f"training.report_to: not installed here: {', '.join(missing)}")
+
+
+def _point_tensorboard(trainer, tb_dir: Path | None) -> None:
+    """TensorBoard logs go to `tb_dir` (runs/<id>/tb/iter-k), not under TRL's scratch output dir."""
+    if tb_dir is None:
+        return
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback):
+            Path(tb_dir).mkdir(parents=True, exist_ok=True)
+            cb.logging_dir = str(tb_dir)
+
+
+@dataclass(frozen=True)
+class Launched:
+    """How a rank of a distributed launch (engine.train_worker) trains: the device and precision the parent
+    resolved, the strategy, and whether this is rank 0 (which owns the checkpoint dirs and writes them)."""
+
+    device: str
+    precision: str
+    strategy: str
+    num_processes: int
+    main: bool
+
+    def check(self, trainer) -> None:
+        """Refuse a launch accelerate ran otherwise than asked (e.g. FSDP on CPU silently becomes DDP)."""
+        from accelerate.utils import DistributedType
+
+        expected = {"ddp": (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU),
+                    "fsdp": (DistributedType.FSDP,), "zero3": (DistributedType.DEEPSPEED,)}[self.strategy]
+        acc = trainer.accelerator
+        if acc.distributed_type not in expected or acc.num_processes != self.num_processes:
+            raise RuntimeError(f"accelerate runs strategy {self.strategy} x {self.num_processes} as "
+                               f"{acc.distributed_type} x {acc.num_processes}")
+
+    def record(self) -> dict:
+        return {"strategy": self.strategy, "num_processes": self.num_processes}
 
 
 def _mean(values: list[float]) -> float:
@@ -374,6 +515,11 @@ def train_sft(
     device: str = "auto",
     log: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    distributed: DistributedConfig | None = None,
+    report_to: Sequence[str] = ("none",),
+    tb_dir: Path | None = None,
+    work_dir: Path | None = None,
+    launched: Launched | None = None,
 ) -> dict[str, float]:
     """Fine-tune `model_path` on gold judgments (the seed judge J_SFT) and save a full checkpoint to `out_dir`.
 
@@ -388,6 +534,10 @@ def train_sft(
         device: auto (cuda if available), cpu, cuda, cuda:N or mps (engine.devices).
         log: receives one line per optimizer step ("step 3/8 loss=2.1034 acc=0.4412").
         progress: receives (steps done, total steps) at the start and after each logged step.
+        distributed: `training.distributed`: train in several processes with accelerate (engine.distributed:
+            the examples go to `work_dir`, rank 0's lines come back through `log` / `progress`).
+        report_to: `training.report_to` (trackers; TensorBoard logs go to `tb_dir`).
+        launched: set by engine.train_worker inside a distributed launch, never by callers.
 
     Returns:
         `sft/loss` (mean over steps), `sft/final_loss`, `sft/steps`, `sft/runtime_s`, `sft/examples`, and
@@ -402,27 +552,37 @@ def train_sft(
         raise UsageError("train_sft got zero examples: the SFT dataset has no items with gold feedback "
                          "(check the dataset, its split and max_items)")
     dataset = _sft_dataset(examples)
+    _require_trackers(report_to)
+    if distributed is not None and launched is None:
+        from engine.distributed import launch_training
+
+        return launch_training("sft", paths={"model_path": str(model_path)}, rows=examples, cfg=cfg,
+                               distributed=distributed, device=device, out_dir=out_dir, tb_dir=tb_dir,
+                               work_dir=work_dir, report_to=report_to, log=say, progress=progress)
 
     from transformers import AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    dev = resolve_device(device)
+    dev = launched.device if launched else resolve_device(device)
     use_device(dev)
-    precision = _resolve_precision(cfg.precision, dev)
-    with _checkpoint_dirs(out_dir) as (tmp_dir, scratch):
-        model = _load(model_path)
+    precision = launched.precision if launched else resolve_precision(cfg.precision, dev)
+    with _checkpoint_dirs(out_dir, main=launched is None or launched.main) as (tmp_dir, scratch):
+        model = _load(model_path, cfg.quantization, precision)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         args = TRLSFTConfig(
             **_trl_args(scratch=scratch, dev=dev, precision=precision, seed=cfg.seed,
                         learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length),
+                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
+                        report_to=report_to),
             lr_scheduler_type=cfg.lr_scheduler_type,
             warmup_steps=cfg.warmup_ratio,  # transformers 5 dropped warmup_ratio: a float < 1 is a fraction
             completion_only_loss=True,  # said, not left to TRL's guess from the column names
             packing=False,
         )
-        say(f"SFT: {len(examples)} examples, model={model_path}, device={dev}, precision={precision}, lora={cfg.lora}")
+        say(f"SFT: {len(examples)} examples, model={model_path}, device={dev}, precision={precision}, lora={cfg.lora}"
+            + (f", quantization={cfg.quantization}" if cfg.quantization else "")
+            + (f", {launched.strategy} x {launched.num_processes} processes" if launched else ""))
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -432,6 +592,9 @@ def train_sft(
             callbacks=[_step_logger(say, progress, lambda logs: (
                 f"loss={logs['loss']:.4f} acc={logs.get('mean_token_accuracy', math.nan):.4f}"))],
         )
+        _point_tensorboard(trainer, tb_dir or out_dir.parent / f"{out_dir.name}.tb")
+        if launched:
+            launched.check(trainer)
         n_cut = _cut_examples(trainer.train_dataset, len(examples), cfg.max_length)
         if n_cut:
             say(f"warning: {n_cut} of {len(examples)} examples are longer than max_length={cfg.max_length} "
@@ -446,9 +609,12 @@ def train_sft(
             "sft": cfg.model_dump(),
             "device": dev,
             "precision": precision,
+            "distributed": launched.record() if launched else None,
             "metrics": metrics,
         }
-        _publish(trainer, tokenizer, lora=cfg.lora, tmp_dir=tmp_dir, out_dir=out_dir, record=record)
+        _publish(trainer, tokenizer, lora=cfg.lora, tmp_dir=tmp_dir, out_dir=out_dir, record=record,
+                 base_path=str(model_path), lora_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
+                 quantized=cfg.quantization is not None)
     say(f"saved {out_dir} ({metrics['sft/steps']:.0f} steps, final loss {metrics['sft/final_loss']:.4f})")
     return metrics
 
@@ -491,6 +657,9 @@ def train_dpo(
     device: str = "auto",
     log: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    tb_dir: Path | None = None,
+    work_dir: Path | None = None,
+    launched: Launched | None = None,
 ) -> dict[str, float]:
     """Train `policy_path` with DPO on `pairs` and save a full checkpoint to `out_dir`.
 
@@ -506,6 +675,10 @@ def train_dpo(
         device: auto (cuda if available), cpu, cuda, cuda:N or mps (engine.devices).
         log: receives one line per optimizer step ("step 3/8 loss=0.6931 margin=0.0012").
         progress: receives (steps done, total steps) at the start and after each logged step.
+        tb_dir: where TensorBoard logs go with `cfg.report_to: [tensorboard]` (default: beside out_dir).
+        work_dir: with `cfg.distributed`, where the launch's files go (pairs, spec, accelerate config,
+            launch.log, result.json; default: beside out_dir).
+        launched: set by engine.train_worker inside a distributed launch, never by callers.
 
     Returns:
         TRL's step metrics averaged over the run, as `train/loss`, `train/rewards/{chosen,rejected,
@@ -520,30 +693,43 @@ def train_dpo(
         raise ValueError("train_dpo got zero preference pairs: curation produced nothing to train on "
                          "(check the curation margin and that sampled judgments parse)")
     dataset = dpo_examples(pairs)
+    _require_trackers(cfg.report_to)
+    if cfg.distributed is not None and launched is None:
+        from engine.distributed import launch_training
+
+        return launch_training("dpo", paths={"policy_path": str(policy_path), "reference_path": (
+                                   None if reference_path is None else str(reference_path))},
+                               rows=pairs, cfg=cfg, distributed=cfg.distributed, device=device, out_dir=out_dir,
+                               tb_dir=tb_dir, work_dir=work_dir, report_to=cfg.report_to, log=say, progress=progress)
 
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    dev = resolve_device(device)
+    dev = launched.device if launched else resolve_device(device)
     use_device(dev)
-    precision = _resolve_precision(cfg.precision, dev)
+    precision = launched.precision if launched else resolve_precision(cfg.precision, dev)
     separate_ref = reference_path is not None and not _same_model(reference_path, policy_path)
     loss_terms = dpo_loss_terms(cfg)
-    with _checkpoint_dirs(out_dir) as (tmp_dir, scratch):
-        model = _load(policy_path)
-        ref_model = _load(reference_path) if separate_ref else None
+    with _checkpoint_dirs(out_dir, main=launched is None or launched.main) as (tmp_dir, scratch):
+        model = _load(policy_path, cfg.quantization, precision)
+        ref_model = _load(reference_path, cfg.quantization, precision) if separate_ref else None
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=False)
         args = DPOConfig(
             **_trl_args(scratch=scratch, dev=dev, precision=precision, seed=cfg.seed,
                         learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length),
+                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
+                        report_to=cfg.report_to),
             beta=cfg.beta,
+            precompute_ref_log_probs=cfg.precompute_ref_log_probs,
             **loss_terms,
         )
         say(
             f"DPO: {len(pairs)} pairs, policy={policy_path}, "
             f"reference={reference_path if separate_ref else 'policy copy'}, device={dev}, precision={precision}, "
             f"lora={cfg.lora}, loss={'+'.join(loss_terms['loss_type'])} weights={loss_terms['loss_weights']}"
+            + (f", quantization={cfg.quantization}" if cfg.quantization else "")
+            + (", precomputed reference log-probs" if cfg.precompute_ref_log_probs else "")
+            + (f", {launched.strategy} x {launched.num_processes} processes" if launched else "")
         )
         trainer = DPOTrainer(
             model=model,
@@ -555,6 +741,9 @@ def train_dpo(
             callbacks=[_step_logger(say, progress, lambda logs: (
                 f"loss={logs['loss']:.4f} margin={logs.get('rewards/margins', math.nan):.4f}"))],
         )
+        _point_tensorboard(trainer, tb_dir or out_dir.parent / f"{out_dir.name}.tb")
+        if launched:
+            launched.check(trainer)
         history, steps, runtime_s = _train(trainer)
         metrics = _summarize(history, steps, runtime_s)
         record = {
@@ -566,8 +755,11 @@ def train_dpo(
             "trl_loss": loss_terms,  # what the loss options became in TRL's terms
             "device": dev,
             "precision": precision,
+            "distributed": launched.record() if launched else None,
             "metrics": metrics,
         }
-        _publish(trainer, tokenizer, lora=cfg.lora, tmp_dir=tmp_dir, out_dir=out_dir, record=record)
+        _publish(trainer, tokenizer, lora=cfg.lora, tmp_dir=tmp_dir, out_dir=out_dir, record=record,
+                 base_path=str(policy_path), lora_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
+                 quantized=cfg.quantization is not None)
     say(f"saved {out_dir} ({metrics['train/steps']:.0f} steps, margin {metrics['train/rewards/margins']:.4f})")
     return metrics

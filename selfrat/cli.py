@@ -39,7 +39,8 @@ from store import PAIR_STATUSES, Cancelled, SelfratError, UsageError, default_wh
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Self-rationalizing LLM judges: import, sample, curate, train (DPO), evaluate.")
 
-WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", envvar="SELFRAT_HOME",
+# No envvar here: engine.workspace.default_workspace() is the one resolver of the default (Workspace.open(None)).
+WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w",
                                                       help="Workspace dir (default $SELFRAT_HOME, else ./.selfrat).")]
 
 
@@ -77,8 +78,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 # ------------------------------------------------------------------ data
 
-_IMPORT_EPILOG = """Mapping targets (--map TARGET=SOURCE, or TARGET=TEMPLATE with {column} fields and \\n for a newline):
-instruction, input (the text the instruction works on; rendered after it in the judge prompt), response,
+_IMPORT_EPILOG = """Mapping targets (--map TARGET=SOURCE, or TARGET=TEMPLATE with {column} fields and \\n for a
+newline): instruction, input (the text the instruction works on; rendered after it in the judge prompt), response,
 response_b, label, reference, rubric (an object) or criteria + score1_description..score5_description,
 gold_score, gold_scores (several annotators: mean), gold_feedback, split, and for pairwise data prompt,
 chosen, rejected, response_a; section and subset (metadata that drives the per-section / per-subset
@@ -96,10 +97,12 @@ def import_(
     preset: Annotated[Optional[str], typer.Option(help="feedback-collection | prometheus-prompt | "
                                                        "prometheus-pairwise | cia | pairwise (default: detected "
                                                        "from the columns).")] = None,
-    map_: Annotated[list[str], typer.Option("--map", help="TARGET=SOURCE, or TARGET=TEMPLATE such as "
-                                            "'prompt={instruction}\\n\\n{input}' (repeatable; targets below).")] = [],
-    set_: Annotated[list[str], typer.Option("--set", help="NAME=VALUE: a column with this value for every row of "
-                                            "this file, e.g. subset=adversarial (repeatable).")] = [],
+    map_: Annotated[Optional[list[str]], typer.Option("--map", help="TARGET=SOURCE, or TARGET=TEMPLATE such as "
+                                                      "'prompt={instruction}\\n\\n{input}' (repeatable; targets "
+                                                      "below).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="NAME=VALUE: a column with this value for every "
+                                                      "row of this file, e.g. subset=adversarial "
+                                                      "(repeatable).")] = None,
     label_majority: Annotated[Optional[str], typer.Option(
         help="COL1,COL2,...: the label is the value more than half of these columns hold (before --label-a/-b/"
              "-tie apply); a row without one is invalid, or a tie when --label-tie is given.")] = None,
@@ -129,8 +132,8 @@ def import_(
     committed = False
     try:
         report = import_file(
-            _ws(ctx).store(), path, dataset=dataset, preset=preset, mapping=parse_mapping(map_),
-            constants=parse_constants(set_), label_majority=label_majority.split(",") if label_majority else None,
+            _ws(ctx).store(), path, dataset=dataset, preset=preset, mapping=parse_mapping(map_ or []),
+            constants=parse_constants(set_ or []), label_majority=label_majority.split(",") if label_majority else None,
             split=split, label_a=label_a, label_b=label_b, label_tie=label_tie, skip_invalid=skip_invalid,
             on_conflict=on_conflict, encoding=encoding, replace=replace, force=force,
         )
@@ -165,7 +168,8 @@ def _import_lines(r: dict) -> list[str]:
                      f" merged + {r['conflict_dropped'] + r['kept_stored']} conflicting left out")
     if r["duplicate_groups"]:
         shown = ", ".join(f"row {row} (+{n})" for row, n in r["duplicate_groups"][:10])
-        lines.append(f"  duplicates merged into their first row: {shown}" + (" ..." if len(r["duplicate_groups"]) > 10 else ""))
+        more = " ..." if len(r["duplicate_groups"]) > 10 else ""
+        lines.append(f"  duplicates merged into their first row: {shown}{more}")
     if r["conflicts"]:
         lines.append(f"  {r['conflicts']} conflict(s) in the file resolved by --on-conflict {r['on_conflict']}:"
                      f" {r['conflict_dropped']} item(s) left out")
@@ -197,7 +201,8 @@ def datasets(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")
         typer.echo("no datasets yet: `selfrat import PATH --dataset NAME`")
     else:
         for r in frame.iter_rows(named=True):
-            typer.echo(f"{r['name']:<24} {r['kind']:<9} {r['items']:>7} items  train {r['train']:>6}  eval {r['eval']:>6}")
+            typer.echo(f"{r['name']:<24} {r['kind']:<9} {r['items']:>7} items"
+                       f"  train {r['train']:>6}  eval {r['eval']:>6}")
 
 
 def _no_nan(v):
@@ -404,14 +409,14 @@ def evaluate(
     run_id: Annotated[Optional[str], typer.Option("--run", help="Evaluate an iteration of this run.")] = None,
     iteration: Annotated[Optional[int], typer.Option(help="With --run: the iteration (0 = seed).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Standalone: 'embedded', a checkpoint dir or hub id.")] = None,
-    dataset: Annotated[list[str], typer.Option(help="Standalone: dataset(s) to evaluate on.")] = [],
+    dataset: Annotated[Optional[list[str]], typer.Option(help="Standalone: dataset(s) to evaluate on.")] = None,
     suite: Annotated[Optional[str], typer.Option(
         help="A named set of datasets (standard: cia-biggen, rewardbench, hhh), with --model or --run.")] = None,
-    method: Annotated[list[str], typer.Option(
+    method: Annotated[Optional[list[str]], typer.Option(
         help="Standalone: greedy (one greedy judgment), expected (its probability-weighted score, G-Eval; "
              "comes with greedy), self-consistency (mean and majority of N sampled scores), best-of-n (the "
              "sample the meta-judge rates highest), relative (A/B in both orders, pairwise data). Repeat for "
-             "several. The response-length baseline is always reported beside them.")] = ["greedy"],
+             "several (default: greedy). The response-length baseline is always reported beside them.")] = None,
     n: Annotated[int, typer.Option("--n", help="Samples per item for self-consistency / best-of-n.")] = 5,
     split: Annotated[str, typer.Option(
         help="eval | train | all. A dataset with no items in the split is an error (exit 2).")] = "eval",
@@ -419,7 +424,9 @@ def evaluate(
         help="The first N items of each dataset in source order (the rows of the imported file, in order), "
              "taken per section where the data has sections (meta 'section', else 'subset'; e.g. "
              "RewardBench): the same N always selects the same items.")] = None,
-    backend: Annotated[str, typer.Option(help="transformers | vllm")] = "transformers",
+    backend: Annotated[Optional[str], typer.Option(
+        help="Sampling backend: transformers (CPU/GPU) or vllm (GPU, the gpu extra). Default: the run's with "
+             "--run, else transformers.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 256,
     force_score: Annotated[Optional[bool], typer.Option(
         "--force-score/--no-force-score", help="Close a rationale without a score with a forced one (default: "
@@ -440,7 +447,8 @@ def evaluate(
     <workspace>/runs/<run_id>/run.log.
     """
     result = runs.evaluate(
-        _ws(ctx), run_id=run_id, iteration=iteration, model=model, datasets=dataset, suite=suite, methods=method,
+        _ws(ctx), run_id=run_id, iteration=iteration, model=model, datasets=dataset or [], suite=suite,
+        methods=method or ["greedy"],
         n=n, split=split, max_items=max_items, backend=backend, max_new_tokens=max_new_tokens,
         force_score=force_score, bootstrap=bootstrap, echo=not as_json, notify=lambda line: typer.echo(line, err=True))
     if as_json:
@@ -511,7 +519,8 @@ def _print_metrics(name: str, m: dict, indent: str = "    ") -> None:
         if parts:
             typer.echo(f"{indent}{name}{' ' + method if method else ''}: " + "  ".join(parts))
         if m.get(prefix + "saturated") == 1:
-            typer.echo(f"{indent}  warning: score saturation (one score takes over half the judgments, gold is balanced)")
+            typer.echo(f"{indent}  warning: score saturation (one score takes over half the judgments, gold is "
+                       "balanced)")
 
 
 def _print_status(s: dict) -> None:
@@ -523,8 +532,9 @@ def _print_status(s: dict) -> None:
     for it in s["iterations"]:
         stages = " ".join(f"{k}={v}" for k, v in it["stages"].items())
         pairs = " ".join(f"{k}={v}" for k, v in it["pairs"].items() if v)
+        precision = " ".join(f"{k}={v}" for k, v in it.get("precision", {}).items() if v)
         typer.echo(f"  iteration {it['index']}: judgments={it['judgments']} parsed={it['parsed']} {stages}"
-                   + (f" pairs: {pairs}" if pairs else ""))
+                   + (f" pairs: {pairs}" if pairs else "") + (f" precision: {precision}" if precision else ""))
         for warning in it.get("curation_warnings", []):
             typer.echo(f"    curation warning: {warning}")
         for name, m in it["metrics"].items():
@@ -574,7 +584,8 @@ def serve(
     ctx: typer.Context,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8501,
     workspace: Annotated[Optional[Path], typer.Option(
-        "--workspace", "-w", help="Workspace dir (default: the global --workspace, $SELFRAT_HOME, ./.selfrat).")] = None,
+        "--workspace", "-w",
+        help="Workspace dir (default: the global --workspace, $SELFRAT_HOME, ./.selfrat).")] = None,
 ) -> None:
     """Start the Streamlit app on 127.0.0.1 (Ctrl-C stops it)."""
     spec = importlib.util.find_spec("ui.app")  # by module name: wherever the ui package is installed
@@ -670,31 +681,20 @@ def _review(ctx: typer.Context, action: str, run_id: str, iteration: int, pair_i
         typer.echo(f"  ... and {len(reviews) - 20} more")
 
 
-@pairs_app.command("accept")
-@cli_command
-def pairs_accept(ctx: typer.Context, run_id: RunOpt, iteration: IterationOpt, pair_ids: PairIds = None,
-                 status: StatusOpt = None, all_: AllOpt = False, yes: YesOpt = False, who: WhoOpt = None,
-                 note: NoteOpt = None, as_json: JsonOpt = False) -> None:
-    """Keep pairs for training (status accepted)."""
-    _review(ctx, "accept", run_id, iteration, pair_ids, status, all_, yes, who, as_json, note=note)
+def _status_command(action: str, doc: str) -> None:
+    """Register `selfrat pairs ACTION` for accept, reject and swap: the same options, a different action."""
+
+    @pairs_app.command(action, help=doc)
+    @cli_command
+    def command(ctx: typer.Context, run_id: RunOpt, iteration: IterationOpt, pair_ids: PairIds = None,
+                status: StatusOpt = None, all_: AllOpt = False, yes: YesOpt = False, who: WhoOpt = None,
+                note: NoteOpt = None, as_json: JsonOpt = False) -> None:
+        _review(ctx, action, run_id, iteration, pair_ids, status, all_, yes, who, as_json, note=note)
 
 
-@pairs_app.command("reject")
-@cli_command
-def pairs_reject(ctx: typer.Context, run_id: RunOpt, iteration: IterationOpt, pair_ids: PairIds = None,
-                 status: StatusOpt = None, all_: AllOpt = False, yes: YesOpt = False, who: WhoOpt = None,
-                 note: NoteOpt = None, as_json: JsonOpt = False) -> None:
-    """Leave pairs out of training (status rejected)."""
-    _review(ctx, "reject", run_id, iteration, pair_ids, status, all_, yes, who, as_json, note=note)
-
-
-@pairs_app.command("swap")
-@cli_command
-def pairs_swap(ctx: typer.Context, run_id: RunOpt, iteration: IterationOpt, pair_ids: PairIds = None,
-               status: StatusOpt = None, all_: AllOpt = False, yes: YesOpt = False, who: WhoOpt = None,
-               note: NoteOpt = None, as_json: JsonOpt = False) -> None:
-    """Exchange chosen and rejected (status swapped; swapping back leaves the pair accepted)."""
-    _review(ctx, "swap", run_id, iteration, pair_ids, status, all_, yes, who, as_json, note=note)
+_status_command("accept", "Keep pairs for training (status accepted).")
+_status_command("reject", "Leave pairs out of training (status rejected).")
+_status_command("swap", "Exchange chosen and rejected (status swapped; swapping back leaves the pair accepted).")
 
 
 @pairs_app.command("edit")

@@ -211,10 +211,18 @@ ALTER TABLE imports ADD COLUMN split VARCHAR;
 ALTER TABLE imports ADD COLUMN report VARCHAR;
 """
 
+# Each judgment records the precision its sampler computed in (`precision: auto` follows the hardware, so two
+# runs of one config can differ), and the iteration the precision of the checkpoint it trained.
+M004_PRECISION = """
+ALTER TABLE judgments ADD COLUMN precision VARCHAR;
+ALTER TABLE iterations ADD COLUMN train_precision VARCHAR;
+"""
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "core", M001_CORE),
     (2, "method", M002_METHOD),
     (3, "imports", M003_IMPORTS),
+    (4, "precision", M004_PRECISION),
 ]
 
 LATEST = MIGRATIONS[-1][0]

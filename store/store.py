@@ -34,7 +34,7 @@ JUDGMENT_COLUMNS = [
     "judgment_id", "run_id", "iteration", "purpose", "item_id", "side", "sample_index", "model",
     "temperature", "top_p", "max_new_tokens", "seed", "raw_text", "text", "rationale", "score",
     "parse_status", "forced", "p1", "p2", "p3", "p4", "p5", "prompt_tokens", "completion_tokens",
-    "latency_s", "verdict",
+    "latency_s", "verdict", "precision",
 ]
 META_RATING_COLUMNS = [
     "judgment_id", "rater_model", "run_id", "iteration", "rating", "text", "parse_status", "forced",
@@ -261,13 +261,17 @@ class Store:
                 )
 
     def set_stage(self, run_id: str, iteration: int, stage: str, status: str, *,
-                  checkpoint: str | None = None, report: dict | None = None) -> None:
+                  checkpoint: str | None = None, report: dict | None = None, precision: str | None = None) -> None:
+        """Record a stage's status; `precision`: what a finished train stage computed in (bf16 / fp32)."""
         if stage not in STAGES:
             raise StoreError(f"unknown stage {stage!r}; expected one of {STAGES}")
         sets, params = [f"{stage}_status = ?", "updated_at = ?"], [status, _now()]
         if checkpoint is not None:
             sets.append("checkpoint = ?")
             params.append(checkpoint)
+        if precision is not None:
+            sets.append("train_precision = ?")
+            params.append(precision)
         if report is not None:
             column = {"curate": "curate_report", "train": "train_metrics"}[stage]
             sets.append(f"{column} = ?")
@@ -285,8 +289,9 @@ class Store:
         frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows), infer_schema_length=None)
         if frame.height == 0:
             return 0
-        if "verdict" not in frame.columns:  # absolute judgments have none
-            frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("verdict"))
+        for optional in ("verdict", "precision"):  # absolute judgments have no verdict; fakes no precision
+            if optional not in frame.columns:
+                frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(optional))
         frame = frame.select(JUDGMENT_COLUMNS)
         cols = ", ".join(JUDGMENT_COLUMNS)
         with self._tx() as con:
@@ -630,6 +635,9 @@ class Store:
                     "SELECT iteration, purpose, count(*), count(*) FILTER (WHERE parse_status = 'ok')"
                     " FROM judgments WHERE run_id = ? GROUP BY ALL", [run_id]).fetchall()
             }
+            sample_precision = dict(con.execute(
+                "SELECT iteration, string_agg(DISTINCT precision, ',' ORDER BY precision) FROM judgments"
+                " WHERE run_id = ? AND precision IS NOT NULL GROUP BY iteration", [run_id]).fetchall())
             pair_counts: dict[int, dict[str, int]] = {}
             for it, status, n in con.execute(
                 "SELECT p.iteration, coalesce(r.status, 'auto'), count(*) FROM pairs p"
@@ -640,14 +648,14 @@ class Store:
                 "SELECT iteration, dataset, metric, value FROM evaluations WHERE run_id = ?", [run_id]
             ).fetchall()
             iters = con.execute(
-                "SELECT iteration, sampler_model, checkpoint, curate_report, sample_status, curate_status,"
-                " train_status, evaluate_status FROM iterations WHERE run_id = ? ORDER BY iteration",
+                "SELECT iteration, sampler_model, checkpoint, curate_report, train_precision, sample_status,"
+                " curate_status, train_status, evaluate_status FROM iterations WHERE run_id = ? ORDER BY iteration",
                 [run_id]).fetchall()
         metrics: dict[int, dict[str, dict[str, float | None]]] = {}
         for it, ds, metric, value in metric_rows:
             metrics.setdefault(it, {}).setdefault(ds, {})[metric] = value
         out = []
-        for it, sampler, ckpt, curate_report, *stage_status in iters:
+        for it, sampler, ckpt, curate_report, train_precision, *stage_status in iters:
             n_train, parsed_train = counts.get((it, "train"), (0, 0))
             n_eval, parsed_eval = counts.get((it, "eval"), (0, 0))
             by_purpose = {p: n for (i, p), (n, _) in counts.items() if i == it}
@@ -661,6 +669,8 @@ class Store:
                 "pairs": {s: pair_counts.get(it, {}).get(s, 0) for s in PAIR_STATUSES},
                 "checkpoint": ckpt,
                 "sampler_model": sampler,
+                # what `precision: auto` chose: of the judgments (sampling / evaluation) and of the training
+                "precision": {"judgments": sample_precision.get(it), "train": train_precision},
                 "stages": dict(zip(STAGES, stage_status)),
                 "curation_warnings": json.loads(curate_report).get("warnings", []) if curate_report else [],
                 "metrics": metrics.get(it, {}),

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama with the SmolLM2 tokenizer (fast on 2 CPU cores), paths to ../shared/data."""
+"""Shared fixtures: a tiny random Llama with the SmolLM2 tokenizer (fast on 2 CPU cores), paths to ../shared/data,
+workspaces with the demo data imported. Plain helper functions (`cli`, `wait_until`, ...) are in helpers.py."""
 
 from __future__ import annotations
 
@@ -76,11 +77,42 @@ def _user_cache(request, monkeypatch, tmp_path_factory) -> None:
         monkeypatch.setenv("SELFRAT_CACHE", str(tmp_path_factory.getbasetemp() / "selfrat_cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fixed_cpu_precision():
+    """`precision: auto` picks bf16 or fp32 by timing this CPU (engine/precision.py); the suite pins it to fp32
+    so that a test's numbers do not depend on the machine CI draws (session scope: module-scoped models are
+    loaded before function fixtures run). Tests of the choice itself unset it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SELFRAT_CPU_PRECISION", "fp32")
+        yield
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> Path:
     ws = tmp_path / "ws"
     monkeypatch.setenv("SELFRAT_HOME", str(ws))
     return ws
+
+
+@pytest.fixture
+def demo_ws(tmp_path) -> Path:
+    """A workspace (tmp_path/ws) with the shipped demo dataset imported as "demo" by `selfrat import`."""
+    from engine.demo import demo_data_path
+
+    from helpers import cli
+
+    ws = tmp_path / "ws"
+    cli(ws, "import", demo_data_path(), "--dataset", "demo")
+    return ws
+
+
+@pytest.fixture
+def demo_chat_ws(shared_data, demo_ws) -> Path:
+    """`demo_ws` plus RewardBench Chat (../shared/data) as the eval-only dataset "chat"."""
+    from helpers import cli
+
+    cli(demo_ws, "import", str(shared_data / "rewardbench" / "Chat.jsonl"), "--dataset", "chat", "--split", "eval")
+    return demo_ws
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -26,6 +26,8 @@ from engine.demo import demo_data_path
 from engine.importers import import_file
 from store import Store, judgment_id
 
+from helpers import wait_until
+
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
 RUN = "r1"
 WHO = "tester"
@@ -408,14 +410,109 @@ def test_launch_refuses_invalid_input_and_launches_nothing(ws):
     assert f"run id: '{RUN}' exists already" in at.error[0].value and jobs.current(ws, RUN) is None
 
 
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+def test_launch_hardware_combinations_are_named_per_field(ws, monkeypatch):
+    """The hardware fields are validated against this machine (its GPU count, no torch): zero3 with one process,
+    QLoRA and fsdp on CPU, each named by its field; nothing is offered to run."""
+    monkeypatch.setenv("SELFRAT_GPU_COUNT", "0")
+    at = app("launch")
+    assert "this machine: 0 CUDA GPUs" in texts(at)
+    at.selectbox(key="l_new_device").set_value("cpu")
+    at.selectbox(key="l_new_strategy_dist").set_value("zero3")
+    at.number_input(key="l_new_processes").set_value(1)
+    at.checkbox(key="l_new_qlora").check()
+    click(at, "Check")
+    message = at.error[0].value
+    assert "training.distributed.num_processes: zero3 shards the model across processes" in message
+    assert "training.quantization: 4bit (QLoRA, bitsandbytes) needs a CUDA GPU" in message
+    assert "training.distributed.strategy: zero3 needs CUDA GPUs" in message
+    assert not at.code
+    at.selectbox(key="l_new_strategy_dist").set_value("fsdp")
+    at.checkbox(key="l_new_qlora").uncheck()
+    click(at, "Check")
+    assert "training.distributed.strategy: fsdp needs CUDA GPUs (accelerate runs CPU ranks as MULTI_CPU" \
+        in at.error[0].value
+    # device auto on a machine without GPUs is cpu: the same refusal
+    at.selectbox(key="l_new_device").set_value("auto")
+    click(at, "Check")
+    assert "training.distributed.strategy: fsdp needs CUDA GPUs" in at.error[0].value
+
+
+def test_launch_offers_vllm_only_where_installed_and_checks_gpus(ws, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("SELFRAT_GPU_COUNT", "0")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    at = app("launch")
+    assert at.selectbox(key="l_new_backend").options == ["transformers"]
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    at = app("launch")
+    assert at.selectbox(key="l_new_backend").options == ["transformers", "vllm"]
+    at.selectbox(key="l_new_backend").set_value("vllm")
+    click(at, "Check")
+    assert "sampling.backend: vllm runs on CUDA GPUs only, and sampling.device is auto and this machine has 0 GPUs" \
+        in at.error[0].value
+
+    monkeypatch.setenv("SELFRAT_GPU_COUNT", "2")
+    at = app("launch")
+    at.selectbox(key="l_new_backend").set_value("vllm")
+    at.selectbox(key="l_new_device").set_value("cuda")
+    at.number_input(key="l_new_tp").set_value(4)
+    at.selectbox(key="l_new_strategy_dist").set_value("ddp")
+    at.number_input(key="l_new_processes").set_value(4)
+    click(at, "Check")
+    message = at.error[0].value
+    assert "sampling.vllm.tensor_parallel_size: 4 GPUs per model, and this machine has 2" in message
+    assert "training.distributed.num_processes: 4 processes need 4 GPUs (one each); this machine has 2" in message
+    at.number_input(key="l_new_tp").set_value(2)
+    at.number_input(key="l_new_processes").set_value(2)
+    at.selectbox(key="l_new_precision").set_value("bf16")
+    at.multiselect(key="l_new_report_to").select("tensorboard")
+    click(at, "Check")
+    assert not at.error, [e.value for e in at.error]
+    run_id = at.text_input(key="l_new_run_id").value
+    shown = [c.value for c in at.code]
+    assert shown[0] == shlex.join(jobs.command(ws, ["run", str(ws / "configs" / f"{run_id}.yaml"), "--run-id", run_id]))
+    work = f"runs/{run_id}/train/iter-K"
+    assert shown[1] == shlex.join([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                   f"{work}/accelerate.yaml", "-m", "engine.train_worker", "--spec",
+                                   f"{work}/spec.json"])
+    generated = yaml.safe_load(shown[2])
+    assert (generated["distributed_type"], generated["num_processes"], generated["mixed_precision"],
+            generated["use_cpu"]) == ("MULTI_GPU", 2, "bf16", False)
+    assert f"tensorboard --logdir {ws / 'runs' / run_id / 'tb'}" in texts(at)
+
+
+def test_launch_writes_the_hardware_settings_it_shows(ws, monkeypatch):
+    """A CPU DDP launch: the config the job runs carries the form's hardware fields (the job is cancelled at
+    once; the real 2-process run is tests/test_distributed.py's)."""
+    monkeypatch.setenv("SELFRAT_GPU_COUNT", "0")
+    at = app("launch")
+    at.text_input(key="l_new_run_id").input("hw")
+    at.selectbox(key="l_new_device").set_value("cpu")
+    at.selectbox(key="l_new_precision").set_value("fp32")
+    at.selectbox(key="l_new_strategy_dist").set_value("ddp")
+    at.number_input(key="l_new_processes").set_value(2)
+    at.checkbox(key="l_new_lora").check()
+    click(at, "Launch")
+    assert not at.error, [e.value for e in at.error]
+    try:
+        saved = RunConfig.model_validate(yaml.safe_load((ws / "configs" / "hw.yaml").read_text()))
+        assert shlex.join(jobs.current(ws, "hw").argv) in [c.value for c in at.code]
+    finally:
+        jobs.cancel(ws, "hw")
+    assert saved.sampling.device == "cpu" and saved.sampling.backend == "transformers"
+    assert saved.training.distributed.model_dump() == {"num_processes": 2, "strategy": "ddp", "mixed_precision": None}
+    assert (saved.training.lora, saved.training.quantization, saved.training.precision) == (True, None, "fp32")
+    assert saved.training.report_to == ["none"]
+
+
+def test_launch_page_links_a_runs_tensorboard_logs(ws):
+    (ws / "runs" / RUN / "tb" / "iter-1").mkdir(parents=True)
+    at = app("launch")
+    assert shlex.join(["tensorboard", "--logdir", str(ws / "runs" / RUN / "tb")]) in [c.value for c in at.code]
+    assert "TensorBoard logs of r1 (iter-1)" in texts(at)
 
 
 def _run_status(store: Store, run_id: str) -> str | None:
@@ -445,7 +542,7 @@ def test_launch_starts_a_real_job_refuses_a_second_and_cancels_it(ws, tiny_model
     saved = RunConfig.model_validate(yaml.safe_load((ws / "configs" / "t1.yaml").read_text()))
     assert saved.model == str(ckpt.resolve()) and saved.max_train_items == 10 and saved.sampling.n == 4
     # The job is real: its runner records the run and starts working in the store.
-    _wait(lambda: _run_status(store, "t1") == "running", 120, "the job to start running")
+    wait_until(lambda: _run_status(store, "t1") == "running", 120, "the job to start running", every=0.25)
 
     # No second job for the same run: the next-iteration launch is refused while this one runs.
     at.run()
@@ -498,7 +595,8 @@ def test_evaluation_page_sets_judges_and_baselines_side_by_side(ws):
     assert any("3 training items" in w.value for w in at.warning)
     judges = frame_with(at, "judge", "pearson")
     assert set(judges["judge"]) >= {"iteration 0 · greedy", "iteration 0 · self-consistency-mean",
-                                     "iteration 0 · best-of-n", "iteration 0 · single-stage-dpo", "iteration 2 · greedy"}
+                                     "iteration 0 · best-of-n", "iteration 0 · single-stage-dpo",
+                                     "iteration 2 · greedy"}
     bars = traces(at, "judges_chart")
     sc = next(t for t in bars if t["name"] == "self-consistency-mean")
     err = sc["error_y"]["array"]

@@ -39,11 +39,11 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
 from engine.demo import demo_data_path  # noqa: E402
-from selfrat.cli import app as cli_app  # noqa: E402
 from store import Store  # noqa: E402
+
+from helpers import cli, tiny_run_config  # noqa: E402
 
 RUN_ID = "e2e"
 # Sidebar title -> texts the page shows once its script has run over the fixture's data: its title and a
@@ -67,34 +67,18 @@ os.environ["SE_OFFLINE"] = "true"
 # ------------------------------------------------------------------ workspace and app
 
 
-def _cli(ws: Path, *args: str) -> str:
-    result = CliRunner().invoke(cli_app, ["--workspace", str(ws), *args])
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 @pytest.fixture(scope="module")
 def e2e_workspace(tmp_path_factory, tiny_model_dir) -> Path:
     """The demo dataset plus one finished iteration (6 items x 3 samples) of the tiny random Llama: enough for
     judgments, curated pairs, metrics for two iterations and a checkpoint on every page."""
     tmp = tmp_path_factory.mktemp("e2e")
     ws = tmp / "ws"
-    _cli(ws, "import", demo_data_path(), "--dataset", "demo")
-    cfg = {
-        "model": str(tiny_model_dir),
-        "train_dataset": "demo",
-        "eval_datasets": ["demo"],
-        "iterations": 1,
-        "max_train_items": 6,
-        "max_eval_items": 4,
-        # seed 3 as in test_loop: these 6 items x 3 samples give auto pairs with min_margin 1.
-        "sampling": {"n": 3, "max_new_tokens": 12, "batch_size": 4, "force_score": True, "seed": 3},
-        "curation": {"min_margin": 1, "max_pairs_per_item": 2},
-        "training": {"epochs": 1, "batch_size": 4, "max_length": 512, "learning_rate": 1e-4},
-    }
+    cli(ws, "import", demo_data_path(), "--dataset", "demo")
+    # Sampling seed 3 (tiny_run_config's): these 6 items x 3 samples give auto pairs with min_margin 1.
+    cfg = tiny_run_config(tiny_model_dir, eval_datasets=["demo"], iterations=1, max_train_items=6, max_eval_items=4)
     cfg_path = tmp / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    _cli(ws, "run", str(cfg_path), "--run-id", RUN_ID)
+    cli(ws, "run", str(cfg_path), "--run-id", RUN_ID)
     assert Store.in_workspace(ws).pairs(RUN_ID, 1).height > 0, "the fixture run curated no pairs"
     return ws
 

@@ -11,24 +11,17 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from engine import jobs
 from engine.config import ConfigError, parse_run_config
 from engine.demo import ensure_demo_dataset
 from engine.workspace import Workspace
-from selfrat.cli import app, cli_command
+from selfrat.cli import cli_command
 from store import Cancelled, Store, StoreError, queries
 
-runner = CliRunner()
+from helpers import cli, fake_sampled_run, runner
+
 RUN = "rv"
-
-
-def cli(ws: Path, *args: str, ok: bool = True):
-    result = runner.invoke(app, ["--workspace", str(ws), *args])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 # ------------------------------------------------------------------ the error decorator
@@ -81,24 +74,13 @@ def test_an_unexpected_exception_keeps_its_traceback(tmp_path):
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """A run with one sampled (fake judge) and curated iteration: pairs to review, no model."""
-    from engine.iteration import Runner, create_run
-    from engine.sampling import FakeSampler
-
-    root = tmp_path_factory.mktemp("pairs") / "ws"
-    w = Workspace.open(root)
-    ensure_demo_dataset(w)
-    cfg = parse_run_config({"model": "some-org/judge", "train_dataset": "demo", "iterations": 1,
-                            "max_train_items": 12, "sampling": {"n": 4, "max_new_tokens": 40},
-                            "curation": {"min_margin": 1, "max_pairs_per_item": 2}})
-    create_run(w, cfg, RUN)
 
     def script(messages, index, seed):
         return f"Reasoning {seed}. [RESULT] {seed % 5 + 1}"
 
-    r = Runner(w, RUN, sampler_factory=lambda path: FakeSampler(script), echo=False)
-    r.sample(1)
-    r.curate(1)
-    assert w.store().pairs(RUN, 1).height >= 6
+    root = tmp_path_factory.mktemp("pairs") / "ws"
+    r = fake_sampled_run(root, RUN, script, max_train_items=12, n=4, curate=True)
+    assert r.ws.store().pairs(RUN, 1).height >= 6
     return root
 
 
@@ -227,3 +209,31 @@ def test_run_ids_are_checked_wherever_a_run_is_created(tmp_path, monkeypatch):
     res = cli(ws, "single-stage", "ok-1.b_2", "--run-id", "../x", ok=False)
     assert res.exit_code == 2 and "run id '../x'" in res.stderr
     assert _outside(tmp_path, ws) == before
+
+
+# ------------------------------------------------------------------ the default workspace
+
+
+def test_selfrat_home_is_the_default_workspace_and_empty_means_unset(tmp_path, monkeypatch):
+    """engine.workspace.default_workspace() is the one resolver: $SELFRAT_HOME when set and not empty, else
+    ./.selfrat; --workspace wins over both."""
+    from selfrat.cli import app
+
+    home = tmp_path / "home"
+    ensure_demo_dataset(Workspace.open(home))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def listed(*args: str, env: dict) -> list[str]:
+        res = runner.invoke(app, [*args, "datasets", "--json"], env=env)
+        assert res.exit_code == 0, res.output
+        return [d["name"] for d in json.loads(res.stdout)["datasets"]]
+
+    assert listed(env={"SELFRAT_HOME": str(home)}) == ["demo"]
+    assert not (cwd / ".selfrat").exists()
+    for unset in ({"SELFRAT_HOME": ""}, {"SELFRAT_HOME": None}):
+        assert listed(env=unset) == []  # ./.selfrat, made on first use
+        assert (cwd / ".selfrat" / "selfrat.duckdb").is_file()
+    assert listed("--workspace", str(home), env={"SELFRAT_HOME": str(cwd / "other")}) == ["demo"]
+    assert not (cwd / "other").exists()

@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from pydantic import ValidationError
 
 from engine.config import CurationConfig
 from engine.curation import curate, pair_ids
+
+from helpers import cli, fake_sampled_run
 
 ITEMS = {"x": 1, "nochosen": 2, "norejected": 3, "unscored": 4, "nogold": 5, "ok": 6, "a": 7, "b": 8, "c": 9,
          "d": 10, "e": 11, "tie": 12, "y": 13, "z": 14}
@@ -363,7 +366,7 @@ def test_vectorised_curation_equals_a_plain_python_pass(strategy):
 
 
 def test_unknown_strategy_is_refused():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="strategy"):
         CurationConfig(strategy="vibes")
 
 
@@ -373,35 +376,16 @@ def test_unknown_strategy_is_refused():
 @pytest.fixture
 def sampled(tmp_path):
     """A workspace whose run 'c' (gold, margin 1, 2 pairs per item) has iteration 1 sampled by a scripted judge."""
-    from engine.config import parse_run_config
-    from engine.demo import ensure_demo_dataset
-    from engine.iteration import Runner, create_run
-    from engine.sampling import FakeSampler
-    from engine.workspace import Workspace
-
-    ws = Workspace.open(tmp_path / "ws")
-    ensure_demo_dataset(ws)
-    cfg = parse_run_config({"model": "some-org/judge", "train_dataset": "demo", "iterations": 1,
-                            "max_train_items": 30, "sampling": {"n": 6, "max_new_tokens": 40},
-                            "curation": {"min_margin": 1, "max_pairs_per_item": 2}})
-    create_run(ws, cfg, "c")
 
     def script(messages, index, seed):
         return f"Reasoning {seed}{' at length' * (seed % 3)}. [RESULT] {seed % 5 + 1}"
 
-    Runner(ws, "c", sampler_factory=lambda path: FakeSampler(script), echo=False).sample(1)
-    return ws.root
+    return fake_sampled_run(tmp_path / "ws", "c", script, max_train_items=30, n=6).ws.root
 
 
-def cli(ws, *args, ok=True):
-    from typer.testing import CliRunner
-
-    from selfrat.cli import app
-
-    result = CliRunner().invoke(app, ["--workspace", str(ws), "curate", "--run", "c", *args])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+def curate_c(ws, *args, ok=True):
+    """`selfrat curate --run c ARGS...` in workspace `ws`."""
+    return cli(ws, "curate", "--run", "c", *args, ok=ok)
 
 
 def snapshot(store):
@@ -415,13 +399,14 @@ def test_curate_dry_run_writes_nothing_and_prints_the_preview(sampled):
 
     store = Store.in_workspace(sampled)
     before = snapshot(store)
-    out = cli(sampled, "--iteration", "1", "--dry-run", "--json", "--strategy", "majority", "--min-margin", "2").output
+    out = curate_c(sampled, "--iteration", "1", "--dry-run", "--json", "--strategy", "majority",
+                   "--min-margin", "2").output
     report = json.loads(out)
     assert report == preview(store, "c", 1, CurationConfig(strategy="majority", min_margin=2, max_pairs_per_item=2))
     assert report["strategy"] == "majority" and report["params"]["min_margin"] == 2 and report["judgments"] == 180
     assert snapshot(store) == before  # no pairs, no stage change, the run's config as it was
     assert store.iteration("c", 1)["curate_status"] == "pending"
-    text = cli(sampled, "--iteration", "1", "--dry-run").output
+    text = curate_c(sampled, "--iteration", "1", "--dry-run").output
     assert "curation of c iteration 1 (dry run: nothing written): strategy gold, min_margin 1" in text
     assert "pairs from" in text and "chosen score: 1=" in text and "rationale length: chosen" in text
     assert snapshot(store) == before
@@ -431,40 +416,40 @@ def test_curate_records_overrides_and_curates_again(sampled):
     from store import Store
 
     store = Store.in_workspace(sampled)
-    first = json.loads(cli(sampled, "--iteration", "1", "--json").output)
+    first = json.loads(curate_c(sampled, "--iteration", "1", "--json").output)
     assert first["params"]["min_margin"] == 1 and store.pairs("c", 1).height == first["pairs"] > 0
-    strict = json.loads(cli(sampled, "--iteration", "1", "--dry-run", "--json", "--min-margin", "3").output)
-    again = json.loads(cli(sampled, "--iteration", "1", "--json", "--min-margin", "3").output)
+    strict = json.loads(curate_c(sampled, "--iteration", "1", "--dry-run", "--json", "--min-margin", "3").output)
+    again = json.loads(curate_c(sampled, "--iteration", "1", "--json", "--min-margin", "3").output)
     assert again == strict and 0 < again["pairs"] < first["pairs"]
     assert store.pairs("c", 1).height == again["pairs"] and set(store.pairs("c", 1)["margin"]) <= {3.0, 4.0}
     assert store.run("c")["config"]["curation"]["min_margin"] == 3
     assert "min_margin: 3" in (sampled / "runs" / "c" / "config.yaml").read_text()
     assert "curation.min_margin: 1 -> 3" in (sampled / "runs" / "c" / "run.log").read_text()
     # the same settings again: nothing to redo
-    assert json.loads(cli(sampled, "--iteration", "1", "--json", "--min-margin", "3").output) == again
+    assert json.loads(curate_c(sampled, "--iteration", "1", "--json", "--min-margin", "3").output) == again
 
 
 def test_curate_refuses_to_drop_reviewed_or_trained_pairs(sampled):
     from store import Store
 
     store = Store.in_workspace(sampled)
-    cli(sampled, "--iteration", "1", "--json")
+    curate_c(sampled, "--iteration", "1", "--json")
     pairs = store.pairs("c", 1)
     store.apply_pair_action(int(pairs["pair_id"][0]), "accept", "alice")
-    res = cli(sampled, "--iteration", "1", "--min-margin", "2", ok=False)
+    res = curate_c(sampled, "--iteration", "1", "--min-margin", "2", ok=False)
     assert res.exit_code == 2 and "have human reviews" in res.output
     assert store.run("c")["config"]["curation"]["min_margin"] == 1 and store.pairs("c", 1).height == pairs.height
     store.set_stage("c", 1, "train", "done")
-    res = cli(sampled, "--iteration", "1", "--strategy", "majority", ok=False)
+    res = curate_c(sampled, "--iteration", "1", "--strategy", "majority", ok=False)
     assert res.exit_code == 2 and "trained on its current pairs" in res.output
 
 
 def test_curate_names_bad_options_and_unsampled_iterations(sampled):
-    res = cli(sampled, "--iteration", "1", "--min-margin", "9", "--dry-run", ok=False)
+    res = curate_c(sampled, "--iteration", "1", "--min-margin", "9", "--dry-run", ok=False)
     assert res.exit_code == 2 and "min_margin: Input should be less than or equal to 4" in res.output
-    res = cli(sampled, "--iteration", "1", "--strategy", "vibes", "--dry-run", ok=False)
+    res = curate_c(sampled, "--iteration", "1", "--strategy", "vibes", "--dry-run", ok=False)
     assert res.exit_code == 2 and "strategy: Input should be 'gold', 'majority' or 'meta'" in res.output
-    res = cli(sampled, "--iteration", "2", "--dry-run", ok=False)
+    res = curate_c(sampled, "--iteration", "2", "--dry-run", ok=False)
     assert res.exit_code == 2 and "has no iteration 2" in res.output
 
 

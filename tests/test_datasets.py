@@ -8,22 +8,14 @@ import math
 
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
-from selfrat.cli import app
 from store import Store, StoreError, judgment_id
 from store.store import ITEM_COLUMNS, JUDGMENT_COLUMNS, DatasetInUse
 
-runner = CliRunner()
+from helpers import cli, strict_json
+
 RUBRIC = {"criteria": "Is the summary faithful?", **{f"score{k}_description": f"level {k}" for k in range(1, 6)}}
 LONG = "word " * 200  # 1000 characters: clipped in the text view, whole in --json
-
-
-def cli(ws, *args, ok=True):
-    res = runner.invoke(app, ["--workspace", str(ws), *args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 def frame(rows: list[dict]) -> pl.DataFrame:
@@ -73,12 +65,6 @@ def judgments(run_id: str, item_ids: list[int]) -> list[dict]:
                        text=f"t [RESULT] {k + 3}", score=k + 3, parse_status="ok", forced=False)
             rows.append(row)
     return rows
-
-
-def strict_json(text: str) -> dict:
-    def refuse(constant):
-        raise AssertionError(f"not strict JSON: {constant}")
-    return json.loads(text, parse_constant=refuse)
 
 
 # ------------------------------------------------------------------ listing (unchanged)
@@ -173,7 +159,8 @@ def test_runs_using_dataset_by_config_and_by_judgments(ws):
     store.create_run("eval-run", "evaluate", {"model": "m", "eval_datasets": ["pw", "abs"]})
     store.create_run("sft-run", "loop", {"model": "m", "train_dataset": "other", "sft": {"dataset": "abs"}})
     # A config stored before `seed: {sft: ...}` became `sft: ...` still counts.
-    store.create_run("old-sft-run", "loop", {"model": "m", "train_dataset": "other", "seed": {"sft": {"dataset": "abs"}}})
+    store.create_run("old-sft-run", "loop",
+                     {"model": "m", "train_dataset": "other", "seed": {"sft": {"dataset": "abs"}}})
     store.create_run("other", "loop", {"model": "m", "train_dataset": "other", "sft": None})
     store.create_run("judged", "loop", {"model": "m", "train_dataset": "gone"})
     store.insert_judgments(judgments("judged", [2]))

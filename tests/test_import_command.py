@@ -14,25 +14,18 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
 from engine.config import parse_run_config
 from engine.iteration import Runner, create_run
 from engine.sampling import FakeSampler
 from engine.workspace import Workspace
-from selfrat.cli import app
 from store import Store
 
-runner = CliRunner()
+from helpers import cli
+
 RUBRIC = {"criteria": "Is it right?", "score1_description": "Wrong.", "score2_description": "Mostly wrong.",
           "score3_description": "Half right.", "score4_description": "Mostly right.",
           "score5_description": "Right."}  # fmt: skip
-
-
-def cli(ws: Path, *args: str, code: int = 0):
-    result = runner.invoke(app, ["--workspace", str(ws), *args])
-    assert result.exit_code == code, result.output
-    return result
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

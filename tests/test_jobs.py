@@ -14,45 +14,23 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from engine import jobs
 from engine.config import ConfigError, CurationConfig, RunConfig, parse_run_config
 from engine.demo import demo_data_path, ensure_demo_dataset
 from engine.workspace import Workspace
-from selfrat.cli import app
 from store import Store, StoreError
 
+from helpers import cli, fake_sampled_run, merged, runner, tiny_run_config, wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 
 
 def tiny_cfg(model_dir: Path, **over) -> RunConfig:
-    cfg = {
-        "model": str(model_dir),
-        "train_dataset": "demo",
-        "eval_datasets": ["demo"],
-        "iterations": 1,
-        "max_train_items": 8,
-        "max_eval_items": 2,
-        "sampling": {"n": 3, "max_new_tokens": 10, "batch_size": 4, "force_score": True, "seed": 5},
-        "curation": {"min_margin": 1, "max_pairs_per_item": 2},
-        "training": {"epochs": 1, "batch_size": 4, "max_length": 512, "learning_rate": 1e-4},
-        "evaluation": {"max_new_tokens": 8},
-    }
-    for k, v in over.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) else v
-    return parse_run_config(cfg, "test config")
-
-
-def wait_until(predicate, timeout_s: float = 120, what: str = "condition", every: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    """The tiny run cut to 1 iteration evaluated on 2 demo items (seed 5, short rationales), validated."""
+    cfg = tiny_run_config(model_dir, iterations=1, eval_datasets=["demo"], max_eval_items=2,
+                          sampling={"max_new_tokens": 10, "seed": 5}, evaluation={"max_new_tokens": 8})
+    return parse_run_config(merged(cfg, **over), "test config")
 
 
 def wait_job(ws: Path, run_id: str, timeout_s: float = 150) -> dict:
@@ -172,25 +150,23 @@ def test_jobs_and_cancel_commands_on_a_launched_run(ws, tiny_model_dir):
     wait_until(lambda: (p := jobs.status(ws, "clijob")["progress"]) and p["stage"] == "sample" and p["done"] >= 1,
                what="sampling to start")
 
-    res = runner.invoke(app, ["--workspace", str(ws), "jobs", "--json"])
-    assert res.exit_code == 0, res.output
+    res = cli(ws, "jobs", "--json")
     listed = {j["run_id"]: j for j in json.loads(res.stdout)["jobs"]}
     assert set(listed) == {"clijob"}
     mine = listed["clijob"]
     assert mine["pid"] == job.pid and mine["launched"] is True and mine["argv"] == job.argv
     assert mine["started_at"] == job.started_at and mine["progress"]["stage"] == "sample"
-    text = runner.invoke(app, ["--workspace", str(ws), "jobs"]).stdout
+    text = cli(ws, "jobs").stdout
     assert text.startswith(f"clijob  pid {job.pid}  iteration 1 sample ") and f"started {job.started_at}" in text
 
-    res = runner.invoke(app, ["--workspace", str(ws), "cancel", "clijob"])
-    assert res.exit_code == 0, res.output
+    res = cli(ws, "cancel", "clijob")
     assert res.stdout == "cancelled clijob: `selfrat resume clijob` continues it\n"
     assert group_gone(job.pid) and jobs.current(ws, "clijob") is None
     assert jobs.status(ws, "clijob")["run_status"] == "cancelled"
     assert Store.in_workspace(ws).iteration("clijob", 1)["sample_status"] == "cancelled"
-    assert runner.invoke(app, ["--workspace", str(ws), "jobs"]).stdout == "no jobs running\n"
-    assert runner.invoke(app, ["--workspace", str(ws), "cancel", "clijob"]).stdout == "no job of clijob is running\n"
-    res = runner.invoke(app, ["--workspace", str(ws), "cancel", "nosuchrun"])
+    assert cli(ws, "jobs").stdout == "no jobs running\n"
+    assert cli(ws, "cancel", "clijob").stdout == "no job of clijob is running\n"
+    res = cli(ws, "cancel", "nosuchrun", code=2)
     assert res.exit_code == 2 and "no run 'nosuchrun'" in res.stderr
 
 
@@ -199,7 +175,7 @@ def test_resume_adds_iterations_and_amends_config(ws, finished, tmp_path):
     model = store.run("base")["config"]["model"]
     bad = tmp_path / "other_model.yaml"
     bad.write_text(yaml.safe_dump(tiny_cfg(Path(model)).model_dump(mode="json") | {"model": "embedded"}))
-    res = runner.invoke(app, ["--workspace", str(ws), "resume", "base", "--config", str(bad)])
+    res = cli(ws, "resume", "base", "--config", str(bad), code=2)
     assert res.exit_code == 2 and "keeps its model" in res.output and "start a new run" in res.output
     assert store.run("base")["config"]["model"] == model
 
@@ -208,8 +184,7 @@ def test_resume_adds_iterations_and_amends_config(ws, finished, tmp_path):
     new = tmp_path / "next.yaml"
     new.write_text(yaml.safe_dump(tiny_cfg(Path(model), curation={"min_margin": 2, "use_forced": False})
                                   .model_dump(mode="json")))
-    res = runner.invoke(app, ["--workspace", str(ws), "resume", "base", "--iterations", "2", "--config", str(new)])
-    assert res.exit_code == 0, res.output
+    cli(ws, "resume", "base", "--iterations", "2", "--config", str(new))
     config = store.run("base")["config"]
     assert config["iterations"] == 2 and config["curation"]["min_margin"] == 2
     assert yaml.safe_load((ws / "runs" / "base" / "config.yaml").read_text()) == config
@@ -225,8 +200,7 @@ def test_resume_adds_iterations_and_amends_config(ws, finished, tmp_path):
     assert set(status["iterations"][2]["metrics"]) == {"demo"}
 
     # --iterations never drops below what is done.
-    res = runner.invoke(app, ["--workspace", str(ws), "resume", "base", "--iterations", "1"])
-    assert res.exit_code == 0, res.output
+    cli(ws, "resume", "base", "--iterations", "1")
     assert store.run("base")["config"]["iterations"] == 2
     with pytest.raises(ConfigError, match="eval_datasets"):
         jobs.launch_next_iteration(ws, "base", tiny_cfg(Path(model), eval_datasets=[]))
@@ -240,23 +214,14 @@ def test_resume_adds_iterations_and_amends_config(ws, finished, tmp_path):
 
 def test_preview_counts_equal_what_curate_writes(tmp_path):
     from engine.curation import preview
-    from engine.iteration import Runner, create_run
-    from engine.sampling import FakeSampler
-
-    w = Workspace.open(tmp_path / "ws")
-    ensure_demo_dataset(w)
-    cfg = parse_run_config({"model": "some-org/judge", "train_dataset": "demo", "iterations": 1,
-                            "max_train_items": 30, "sampling": {"n": 6, "max_new_tokens": 40},
-                            "curation": {"min_margin": 1, "max_pairs_per_item": 2}})
-    rid = create_run(w, cfg, "pv")
 
     def script(messages, index, seed):  # scores spread over 1..5, a few unparsable
         return "Too short." if seed % 7 == 0 else f"Reasoning {seed}. [RESULT] {seed % 5 + 1}"
 
-    r = Runner(w, rid, sampler_factory=lambda path: FakeSampler(script), echo=False)
-    r.sample(1)
-    store = w.store()
-    loose = preview(store, rid, 1, cfg.curation)
+    r = fake_sampled_run(tmp_path / "ws", "pv", script, max_train_items=30, n=6)
+    rid = r.run_id
+    store = r.ws.store()
+    loose = preview(store, rid, 1, r.cfg.curation)
     strict = preview(store, rid, 1, CurationConfig(min_margin=3, max_pairs_per_item=1))
     assert 0 < strict["pairs"] < loose["pairs"] and strict["params"]["min_margin"] == 3
     assert store.pairs(rid, 1).height == 0 and store.iteration(rid, 1)["curate_status"] == "pending"
@@ -374,7 +339,7 @@ def test_app_command_execs_streamlit_with_the_workspace(tmp_path, monkeypatch):
 
     monkeypatch.setattr(selfrat.cli.os, "execvpe", fake_exec)
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(app, ["app", "--port", "8765", "--workspace", "rel_ws"])
+    res = runner.invoke(selfrat.cli.app, ["app", "--port", "8765", "--workspace", "rel_ws"])  # no global -w
     assert res.exit_code == 0, res.output
     # The app is found by module name (ui.app), not by a path computed from the engine.
     assert seen["argv"] == [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"),

@@ -18,7 +18,6 @@ from engine.models import (
     MARKER_FILE,
     ModelSpecError,
     cache_dir,
-    default_dtype,
     embedded_gguf,
     ensure_embedded_checkpoint,
     load_model_and_tokenizer,
@@ -90,14 +89,17 @@ def test_devices_and_dtypes():
     else:
         with pytest.raises(ValueError, match="CUDA device"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
-    assert default_dtype("cpu") == torch.float32
-    assert default_dtype("cuda") == torch.bfloat16
 
 
-def test_load_model_and_tokenizer(tiny_model_dir):
+def test_load_model_and_tokenizer(tiny_model_dir, monkeypatch):
     model, tok = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
     assert not model.training
-    assert next(model.parameters()).dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.float32  # the suite pins auto to fp32 (conftest)
+    bf16, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu", precision="bf16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    monkeypatch.setenv("SELFRAT_CPU_PRECISION", "bf16")  # what `auto` picks on a CPU with native bf16
+    auto, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    assert next(auto.parameters()).dtype == torch.bfloat16
     assert tok.pad_token is not None and tok.padding_side == "left"
 
 

@@ -71,11 +71,33 @@ def test_system_prompt():
     assert RESULT_MARKER == "[RESULT]"
 
 
-@pytest.mark.parametrize("template", [ABSOLUTE_TEMPLATE, ABSOLUTE_TEMPLATE_NO_REF, RELATIVE_TEMPLATE, RELATIVE_TEMPLATE_NO_REF])
+@pytest.mark.parametrize(
+    "template", [ABSOLUTE_TEMPLATE, ABSOLUTE_TEMPLATE_NO_REF, RELATIVE_TEMPLATE, RELATIVE_TEMPLATE_NO_REF]
+)
 def test_templates_end_with_feedback_cue_and_state_the_format(template):
     assert template.endswith("###Feedback: ")
     assert "[RESULT]" in template
     assert "Please do not generate any other opening, closing, and explanations." in template
+
+
+def test_template_sections_are_the_prometheus_layout():
+    # The sections are built from (header, placeholder) pairs: pin the text they make, blank lines included.
+    abs_sections = "\n###The instruction to evaluate:\n{instruction}\n\n###Response to evaluate:\n{response}\n\n"
+    rel_sections = (
+        "\n###Instruction:\n{instruction}\n\n###Response A:\n{response_a}\n\n###Response B:\n{response_b}\n\n"
+    )
+    assert ABSOLUTE_TEMPLATE.endswith(
+        abs_sections + "###Reference Answer (Score 5):\n{reference}\n\n###Score Rubrics:\n{rubric}\n\n###Feedback: "
+    )
+    assert ABSOLUTE_TEMPLATE_NO_REF.endswith(abs_sections + "###Score Rubrics:\n{rubric}\n\n###Feedback: ")
+    assert RELATIVE_TEMPLATE.endswith(
+        rel_sections + "###Reference Answer:\n{reference}\n\n###Score Rubric:\n{rubric}\n\n###Feedback: "
+    )
+    assert RELATIVE_TEMPLATE_NO_REF.endswith(rel_sections + "###Score Rubric:\n{rubric}\n\n###Feedback: ")
+    assert "a reference answer that gets a score of 5, and a score rubric" in ABSOLUTE_TEMPLATE
+    assert "a response to evaluate, and a score rubric" in ABSOLUTE_TEMPLATE_NO_REF
+    assert "(denoted as Response A and Response B), a reference answer, and" in RELATIVE_TEMPLATE
+    assert "(denoted as Response A and Response B), and an evaluation criteria" in RELATIVE_TEMPLATE_NO_REF
 
 
 def test_absolute_with_reference():
@@ -118,7 +140,8 @@ def test_values_with_braces_are_not_formatted():
 def test_rubric_from_item():
     assert rubric_from_item(ITEM) == RUBRIC
     assert rubric_from_item({"instruction": "x"}) is DEFAULT_RUBRIC
-    assert rubric_from_item({"criteria": None, **{f"score{k}_description": None for k in range(1, 6)}}) is DEFAULT_RUBRIC
+    blank = {"criteria": None, **{f"score{k}_description": None for k in range(1, 6)}}
+    assert rubric_from_item(blank) is DEFAULT_RUBRIC
     with pytest.raises(ValueError, match="score3_description"):
         rubric_from_item({**ITEM, "score3_description": ""})
 

@@ -6,25 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from engine.demo import demo_data_path
-from selfrat.cli import app
 from store import Store
+
+from helpers import cli
 
 pytestmark = pytest.mark.slow
 
 
 def test_real_smollm2_sample_curate_dpo(tmp_path):
     ws = tmp_path / "ws"
-    runner = CliRunner()
-
-    def cli(*args):
-        res = runner.invoke(app, ["--workspace", str(ws), *args])
-        assert res.exit_code == 0, res.output
-        return res.output
-
-    cli("import", demo_data_path(), "--dataset", "demo")
+    cli(ws, "import", demo_data_path(), "--dataset", "demo")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps({
         "model": "embedded", "train_dataset": "demo", "eval_datasets": ["demo"], "iterations": 1,
@@ -33,8 +26,8 @@ def test_real_smollm2_sample_curate_dpo(tmp_path):
         "curation": {"min_margin": 1, "max_pairs_per_item": 2},
         "training": {"epochs": 1, "batch_size": 2, "max_length": 768, "learning_rate": 1e-5},
     }))
-    cli("run", str(cfg), "--run-id", "real")
-    status = json.loads(cli("status", "real", "--json"))
+    cli(ws, "run", str(cfg), "--run-id", "real")
+    status = json.loads(cli(ws, "status", "real", "--json").output)
     assert status["status"] == "done"
     seed, it1 = status["iterations"]
     assert it1["train_judgments"] == 24

@@ -20,12 +20,13 @@ def make_items(dataset: str, n: int, kind: str = "absolute") -> pl.DataFrame:
     rows = []
     for i in range(n):
         row = {c: None for c in ITEM_COLUMNS}
-        row.update(item_id=i + (10_000 if dataset != "d" else 0), content_hash=f"h{i}", dataset=dataset, split="train" if i % 4 else "eval",
-                   kind=kind, instruction=f"instruction {i}", response=f"response {i}", criteria="c",
-                   gold_score=float(i % 5 + 1), source_row=i + 1)
+        row.update(item_id=i + (10_000 if dataset != "d" else 0), content_hash=f"h{i}", dataset=dataset,
+                   split="train" if i % 4 else "eval", kind=kind, instruction=f"instruction {i}",
+                   response=f"response {i}", criteria="c", gold_score=float(i % 5 + 1), source_row=i + 1)
         rows.append(row)
-    return pl.DataFrame(rows, schema={c: (pl.Float64 if c == "gold_score" else pl.Int64 if c in ("source_row", "item_id") else pl.Utf8)
-                                      for c in ITEM_COLUMNS})
+    schema = {c: (pl.Float64 if c == "gold_score" else pl.Int64 if c in ("source_row", "item_id") else pl.Utf8)
+              for c in ITEM_COLUMNS}
+    return pl.DataFrame(rows, schema=schema)
 
 
 def test_item_limit_is_per_section_where_the_data_has_sections(tmp_path):
@@ -83,8 +84,8 @@ def test_migrate_blank_db_creates_schema_and_is_repeatable():
 def test_import_is_idempotent_and_kind_is_checked(tmp_path):
     store = Store(tmp_path / "db.duckdb")
     items = make_items("d", 10)
-    assert store.import_items("d", "absolute", items, source="x", preset=None, source_rows=10) == {"inserted": 10, "existing": 0,
-                                                                                                  "replaced": 0, "kept_stored": 0}
+    inserted = store.import_items("d", "absolute", items, source="x", preset=None, source_rows=10)
+    assert inserted == {"inserted": 10, "existing": 0, "replaced": 0, "kept_stored": 0}
     again = store.import_items("d", "absolute", items, source="x", preset=None, source_rows=10)
     assert (again["inserted"], again["existing"]) == (0, 10)
     assert store.datasets().row(0, named=True)["items"] == 10

@@ -7,13 +7,13 @@ import json
 
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
 from engine.sxs import Spec, default_key_path, export_sheet, parse_spec, read_key, score_sheets
 from engine.workspace import Workspace
-from selfrat.cli import app
 from store import judgment_id
 from store.store import ITEM_COLUMNS, JUDGMENT_COLUMNS
+
+from helpers import cli
 
 N_ITEMS = 6
 
@@ -163,22 +163,16 @@ def test_two_runs_and_spec_parsing(ws, tmp_path):
 
 
 def test_cli_export_and_score(ws, tmp_path):
-    runner = CliRunner()
     sheet = tmp_path / "cli.csv"
-    res = runner.invoke(app, ["--workspace", str(ws.root), "sxs", "export", "0", "2", "--run", "r",
-                              "--dataset", "d", "--out", str(sheet)])
-    assert res.exit_code == 0, res.output
+    res = cli(ws.root, "sxs", "export", "0", "2", "--run", "r", "--dataset", "d", "--out", str(sheet))
     assert "5 rows" in res.output
     key = json.loads(default_key_path(sheet).read_text())
     _fill(sheet, key, ["r:2"] * 5)
-    res = runner.invoke(app, ["--workspace", str(ws.root), "sxs", "score", str(sheet), "--key",
-                              str(default_key_path(sheet)), "--json"])
-    assert res.exit_code == 0, res.output
+    res = cli(ws.root, "sxs", "score", str(sheet), "--key", str(default_key_path(sheet)), "--json")
     out = json.loads(res.output)
     assert out["systems"][1]["win_rate"] == 1.0 and out["annotations"] == 5
     rows = _read(sheet)
     rows[2]["winner"] = "x"
     _write(sheet, rows)
-    res = runner.invoke(app, ["--workspace", str(ws.root), "sxs", "score", str(sheet), "--key",
-                              str(default_key_path(sheet))])
-    assert res.exit_code == 2 and "row 4" in res.output
+    res = cli(ws.root, "sxs", "score", str(sheet), "--key", str(default_key_path(sheet)), code=2)
+    assert "row 4" in res.output

@@ -61,7 +61,8 @@ def _margin(model_dir: Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     return sum(
-        sequence_logprob(model, tok, p["prompt"], p["chosen"]) - sequence_logprob(model, tok, p["prompt"], p["rejected"])
+        sequence_logprob(model, tok, p["prompt"], p["chosen"])
+        - sequence_logprob(model, tok, p["prompt"], p["rejected"])
         for p in PAIRS
     )
 
@@ -477,3 +478,15 @@ def test_sft_cuda_bf16_smoke(tiny_model_dir, tmp_path):
     assert record["precision"] == "bf16" and record["device"] == "cuda"
     assert all(math.isfinite(v) for v in metrics.values())
     assert not (tmp_path / "o" / "adapter_config.json").exists()  # LoRA merged
+
+
+def test_cpu_batches_run_as_accumulated_micro_batches(tmp_path):
+    """On CPU a batch of B examples is B micro-batches of one, accumulated into the same optimizer step (no
+    padding to the longest, one example's activations at a time); on CUDA the batch stays whole."""
+    from engine.training import _trl_args
+
+    common = dict(scratch=tmp_path, precision="fp32", seed=0, learning_rate=1e-5, epochs=1.0, max_length=64)
+    cpu = _trl_args(dev="cpu", batch_size=4, gradient_accumulation_steps=2, **common)
+    assert (cpu["per_device_train_batch_size"], cpu["gradient_accumulation_steps"]) == (1, 8)
+    gpu = _trl_args(dev="cuda", batch_size=4, gradient_accumulation_steps=2, **common)
+    assert (gpu["per_device_train_batch_size"], gpu["gradient_accumulation_steps"]) == (4, 2)

@@ -5,21 +5,30 @@ named, nothing launched on error), show the exact command (engine.jobs' own dry 
 `engine.jobs` starts the CLI. Above the
 launch button, a what-if preview runs the form's curation settings on the selected run's latest sampled
 iteration (writing nothing).
+
+Hardware: backend (vllm offered only where it is installed), device, tensor parallel size, the training
+strategy and its processes, LoRA / QLoRA, precision and trackers. The form is validated against this machine
+(`RunConfig` with its GPU count, from `nvidia-smi -L`: the app never imports torch), so vllm or QLoRA without a
+GPU, zero3 with one process or more processes than GPUs are named per field before anything launches.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 
 import plotly.express as px
 import polars as pl
 import streamlit as st
+import yaml
 from pydantic import ValidationError
 
 from engine import jobs
 from engine.config import HUB_ID, ConfigError, CurationConfig, RunConfig, SamplingConfig, TrainingConfig
 from engine.curation import preview
 from engine.demo import demo_config
+from engine.devices import gpu_count
+from engine.distributed import accelerate_config, launch_argv
 from store import Store, StoreError, queries
 from ui import components, state
 
@@ -53,6 +62,25 @@ def model_spec(source: str, picked: str | None, typed: str) -> tuple[str | None,
     if typed == EMBEDDED or HUB_ID.match(typed):
         return typed, None
     return None, f"model: {typed!r} is neither 'embedded' nor a hub id like org/name"
+
+
+SINGLE = "one process"
+STRATEGIES = (SINGLE, "ddp", "fsdp", "zero3")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+
+
+def vllm_installed() -> bool:
+    """Whether backend vllm can be offered: looked up without importing it (engine.vllm_sampler's
+    `vllm_available` says the same, but that module imports torch, which the app never does)."""
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def with_current(options: list[str], current: str) -> list[str]:
+    """`options`, plus the config's own value when the form does not offer it (e.g. cuda:1, mps)."""
+    return options if current in options else [*options, current]
 
 
 def field_errors(err: ValidationError) -> list[str]:
@@ -99,6 +127,8 @@ def k(name: str) -> str:
     # Widget keys per mode/run, so the form pre-fills from the right config when either changes.
     return f"l_{prefix}_{name}"
 
+
+GPUS = gpu_count()
 
 # ------------------------------------------------------------------ the form
 
@@ -167,6 +197,31 @@ with st.form("launch_form"):
     lora = c[3].checkbox("LoRA", value=trn.lora, key=k("lora"))
     iterations = None if next_mode else c[4].number_input("Iterations", value=int(base.get("iterations", 1)), step=1,
                                                             key=k("iterations"))
+    st.markdown(f"**Hardware** · this machine: {GPUS} CUDA GPU{'s' if GPUS != 1 else ''} (`nvidia-smi -L`)")
+    c = st.columns(4)
+    backends = with_current(["transformers", "vllm"] if vllm_installed() else ["transformers"], samp.backend)
+    backend = c[0].selectbox("Sampling backend", backends, index=backends.index(samp.backend), key=k("backend"),
+                             help="vllm: GPU only, offered when the vllm package is installed (the `gpu` extra).")
+    devices = with_current(["auto", "cpu", "cuda"], samp.device)
+    device = c[1].selectbox("Device", devices, index=devices.index(samp.device), key=k("device"),
+                            help="Where sampling, evaluation and training run: auto = cuda when a GPU is visible.")
+    tp = c[2].number_input("Tensor parallel size (vllm)", value=int(samp.vllm.tensor_parallel_size), step=1,
+                           key=k("tp"), help=type(samp.vllm).model_fields["tensor_parallel_size"].description)
+    precisions = list(TrainingConfig.model_fields["precision"].annotation.__args__)
+    precision = c[3].selectbox("Precision", precisions, index=precisions.index(trn.precision), key=k("precision"),
+                               help="Sampling and training: " + TrainingConfig.model_fields["precision"].description)
+    c = st.columns(4)
+    dist = trn.distributed
+    train_strategy = c[0].selectbox("Training strategy", STRATEGIES,
+                              index=STRATEGIES.index(dist.strategy if dist else SINGLE), key=k("strategy_dist"),
+                              help="ddp: a copy per process (CPU or one GPU each); fsdp / zero3: sharded over "
+                              "GPUs (zero3 needs deepspeed).")
+    processes = c[1].number_input("Processes", value=int(dist.num_processes if dist else 2), step=1,
+                                  key=k("processes"), help="ddp / fsdp / zero3: one per GPU on cuda.")
+    qlora = c[2].checkbox("QLoRA (4-bit)", value=trn.quantization == "4bit", key=k("qlora"),
+                          help=TrainingConfig.model_fields["quantization"].description)
+    tracking = c[3].multiselect("Tracking", TRACKERS, default=[t for t in trn.report_to if t != "none"],
+                                key=k("report_to"), help=TrainingConfig.model_fields["report_to"].description)
     b = st.columns([1, 1, 4])
     b[0].form_submit_button("Check")
     launch_clicked = b[1].form_submit_button("Launch", type="primary")
@@ -176,11 +231,20 @@ with st.form("launch_form"):
 errors: list[str] = []
 raw = {**base}
 raw["sampling"] = {**base.get("sampling", {}), "n": n, "temperature": temperature, "top_p": top_p,
-                   "max_new_tokens": max_new_tokens, "force_score": force_score}
+                   "max_new_tokens": max_new_tokens, "force_score": force_score, "backend": backend,
+                   "device": device, "vllm": {**(base.get("sampling") or {}).get("vllm", {}),
+                                              "tensor_parallel_size": tp}}
+if "precision" in SamplingConfig.model_fields:
+    raw["sampling"]["precision"] = precision
 raw["curation"] = {**base.get("curation", {}), "strategy": strategy, "min_margin": min_margin,
                    "max_pairs_per_item": max_pairs, "meta_max_new_tokens": meta_tokens, "use_forced": use_forced,
                    "dedupe": dedupe, "balance_scores": balance}
-raw["training"] = {**base.get("training", {}), "beta": beta, "learning_rate": lr, "epochs": epochs, "lora": lora}
+raw["training"] = {**base.get("training", {}), "beta": beta, "learning_rate": lr, "epochs": epochs,
+                   "lora": lora or qlora, "quantization": "4bit" if qlora else None, "precision": precision,
+                   "report_to": tracking or ["none"],
+                   "distributed": None if train_strategy == SINGLE else {
+                       **((base.get("training") or {}).get("distributed") or {}), "strategy": train_strategy,
+                       "num_processes": processes}}
 if not next_mode:
     model, model_error = model_spec(source, picked, typed)
     if model_error:
@@ -193,9 +257,12 @@ if not next_mode:
             errors.append(f"run id: {run_id!r} exists already; pick it above to continue it instead")
     except ConfigError as e:
         errors.append(str(e))
+if backend == "vllm" and not vllm_installed():
+    errors.append("sampling.backend: vllm is not installed here (pip install -e '.[gpu]' on a CUDA machine)")
 cfg = None
 try:
-    cfg = RunConfig.model_validate(raw)
+    # against this machine: its GPU count decides device auto, vllm / QLoRA without a GPU, processes per GPU
+    cfg = RunConfig.model_validate(raw, context={"gpus": GPUS})
 except ValidationError as e:
     errors += field_errors(e)
 
@@ -220,6 +287,20 @@ if errors:
 else:
     st.caption("The Launch button runs:")
     st.code(shlex.join(planned.argv), language="bash")
+    if cfg.training.distributed is not None:
+        d = cfg.training.distributed
+        on = "cuda" if device == "cuda" or (device == "auto" and GPUS) else "cpu"
+        guess = d.mixed_precision or (precision if precision != "auto" else ("bf16" if on == "cuda" else "fp32"))
+        work = f"runs/{run_id}/train/iter-K"
+        st.caption(f"Each train stage then runs {d.num_processes} processes ({d.strategy}, {on}) as"
+                   + (" (precision auto: resolved at launch)" if precision == "auto" and not d.mixed_precision else ""))
+        st.code(shlex.join(launch_argv(f"{work}/accelerate.yaml", f"{work}/spec.json")), language="bash")
+        with st.expander(f"{work}/accelerate.yaml"):
+            st.code(yaml.safe_dump(accelerate_config(d, on, guess, cfg.training.gradient_accumulation_steps),
+                                   sort_keys=False), language="yaml")
+    if "tensorboard" in cfg.training.report_to:
+        st.caption(f"TensorBoard logs go to runs/{run_id}/tb/iter-K: `tensorboard --logdir "
+                   f"{ws / 'runs' / run_id / 'tb'}`")
 
 if launch_clicked:
     if errors or cfg is None:
@@ -287,5 +368,9 @@ st.subheader("Job")
 job_run = st.session_state.get(LAUNCHED_KEY) or selected
 if job_run:
     components.job_panel(job_run)
+    tb_dir = ws / "runs" / job_run / "tb"
+    if tb_dir.is_dir():
+        st.caption(f"TensorBoard logs of {job_run} ({', '.join(sorted(p.name for p in tb_dir.iterdir()))}):")
+        st.code(shlex.join(["tensorboard", "--logdir", str(tb_dir)]), language="bash")
 else:
     st.caption("No run selected.")

@@ -1,5 +1,6 @@
-"""The loop end to end on a tiny random Llama: import -> run 2 iterations -> status -> export; resume after
-a real SIGKILL; config and input errors that name what is wrong."""
+"""Runs through the CLI, end to end on a tiny random Llama: import -> run 2 iterations -> status -> export;
+stage commands and resume (after a real SIGKILL too); standalone `evaluate`; config and input errors that name
+what is wrong."""
 
 from __future__ import annotations
 
@@ -11,56 +12,19 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
-from typer.testing import CliRunner
 
 from engine.demo import demo_data_path
-from selfrat.cli import app
 from store import Store
 
-runner = CliRunner()
+from helpers import cli, strict_json, tiny_run_config
 
 
-def cli(ws: Path, *args: str, ok: bool = True):
-    result = runner.invoke(app, ["--workspace", str(ws), *args])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
-
-
-def tiny_config(model_dir: Path, **over) -> dict:
-    cfg = {
-        "model": str(model_dir),
-        "train_dataset": "demo",
-        "eval_datasets": ["demo", "chat"],
-        "iterations": 2,
-        "max_train_items": 8,
-        "max_eval_items": 6,
-        "sampling": {"n": 3, "max_new_tokens": 12, "batch_size": 4, "force_score": True, "seed": 3},
-        "curation": {"min_margin": 1, "max_pairs_per_item": 2},
-        "training": {"epochs": 1, "batch_size": 4, "max_length": 512, "learning_rate": 1e-4},
-    }
-    for k, v in over.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) else v
-    return cfg
-
-
-@pytest.fixture
-def loaded_ws(tmp_path, shared_data) -> Path:
-    ws = tmp_path / "ws"
-    cli(ws, "import", demo_data_path(), "--dataset", "demo")
-    cli(ws, "import", str(shared_data / "rewardbench" / "Chat.jsonl"), "--dataset", "chat", "--split", "eval")
-    return ws
-
-
-def test_full_loop_two_iterations_status_and_export(loaded_ws, tiny_model_dir, tmp_path):
-    ws = loaded_ws
+def test_full_loop_two_iterations_status_and_export(demo_chat_ws, tiny_model_dir, tmp_path):
+    ws = demo_chat_ws
     cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_model_dir)))
-    t0 = time.monotonic()
-    cli(ws, "run", str(cfg_path), "--run-id", "tiny")
-    elapsed = time.monotonic() - t0
+    cfg_path.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir)))
+    cli(ws, "run", str(cfg_path), "--run-id", "tiny")  # (speed is bench/'s business, not a unit test's)
 
     status = json.loads(cli(ws, "status", "tiny", "--json").output)
     assert status["id"] == "tiny" and status["status"] == "done"
@@ -75,9 +39,14 @@ def test_full_loop_two_iterations_status_and_export(loaded_ws, tiny_model_dir, t
         assert Path(it["checkpoint"], "selfrat_checkpoint.json").is_file()
     for it in status["iterations"]:
         assert set(it["metrics"]) == {"demo", "chat"}
-        assert {"pearson", "spearman", "kendall", "exact", "within1", "parse_failure_rate"} <= set(it["metrics"]["demo"])
+        demo_metrics = set(it["metrics"]["demo"])
+        assert {"pearson", "spearman", "kendall", "exact", "within1", "parse_failure_rate"} <= demo_metrics
         assert {"accuracy", "ties", "n"} <= set(it["metrics"]["chat"])
         assert it["metrics"]["chat"]["n"] == 6
+    # What `precision: auto` chose is recorded with the judgments and the checkpoint (the suite pins auto to
+    # fp32, conftest) and shown by `status`.
+    assert it1["precision"] == {"judgments": "fp32", "train": "fp32"}
+    assert "precision: judgments=fp32 train=fp32" in cli(ws, "status", "tiny").output
     # Iteration 2 samples with iteration 1's checkpoint: the lineage is stored.
     assert it2["sampler_model"] == it1["checkpoint"]
     assert seed["checkpoint"] == str(tiny_model_dir.resolve())
@@ -90,7 +59,7 @@ def test_full_loop_two_iterations_status_and_export(loaded_ws, tiny_model_dir, t
 
     out = tmp_path / "export"
     cli(ws, "export", "tiny", "--iteration", "1", "--out", str(out))
-    lines = [json.loads(l) for l in (out / "pairs.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(lines) == it1["pairs"]["auto"]
     first = lines[0]
     assert first["prompt"][0]["role"] == "system" and first["chosen"][0]["role"] == "assistant"
@@ -100,17 +69,16 @@ def test_full_loop_two_iterations_status_and_export(loaded_ws, tiny_model_dir, t
 
     ds = datasets.load_from_disk(str(out / "dataset"))
     assert ds.num_rows == len(lines) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
-    progress = [json.loads(l) for l in (ws / "runs" / "tiny" / "progress.jsonl").read_text().splitlines()]
+    progress = [json.loads(line) for line in (ws / "runs" / "tiny" / "progress.jsonl").read_text().splitlines()]
     stages = {(p["iteration"], p["stage"]) for p in progress}
     assert {(1, "sample"), (1, "curate"), (1, "train"), (1, "evaluate"), (2, "train")} <= stages
     last_train = [p for p in progress if p["stage"] == "train" and p["iteration"] == 1][-1]
     assert last_train["done"] == last_train["total"] > 0  # the app's job panel can follow training
-    assert elapsed < 120, f"the tiny loop took {elapsed:.0f} s"
 
 
-def test_rerunning_a_finished_stage_changes_nothing(loaded_ws, tiny_model_dir, tmp_path):
-    ws = loaded_ws
-    cfg = tiny_config(tiny_model_dir, iterations=1, eval_datasets=["demo"])
+def test_rerunning_a_finished_stage_changes_nothing(demo_chat_ws, tiny_model_dir, tmp_path):
+    ws = demo_chat_ws
+    cfg = tiny_run_config(tiny_model_dir, iterations=1, eval_datasets=["demo"])
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     cli(ws, "run", str(cfg_path), "--run-id", "once")
@@ -120,15 +88,16 @@ def test_rerunning_a_finished_stage_changes_nothing(loaded_ws, tiny_model_dir, t
     cli(ws, "resume", "once")
     after = json.loads(cli(ws, "status", "once", "--json").output)
     for b, a in zip(before["iterations"], after["iterations"]):
-        assert (b["judgments"], b["pairs"], b["checkpoint"], b["metrics"]) == (a["judgments"], a["pairs"], a["checkpoint"], a["metrics"])
+        for key in ("judgments", "pairs", "checkpoint", "metrics"):
+            assert b[key] == a[key], key
     log = (ws / "runs" / "once" / "run.log").read_text()
     assert "[iter 1] sample: already done" in log and "[iter 1] train: already done" in log
 
 
-def test_resume_after_sigkill_during_sampling(loaded_ws, tiny_model_dir, tmp_path):
-    ws = loaded_ws
+def test_resume_after_sigkill_during_sampling(demo_chat_ws, tiny_model_dir, tmp_path):
+    ws = demo_chat_ws
     n, items = 3, 24
-    cfg = tiny_config(tiny_model_dir, iterations=1, eval_datasets=["demo"], max_train_items=items,
+    cfg = tiny_run_config(tiny_model_dir, iterations=1, eval_datasets=["demo"], max_train_items=items,
                       sampling={"n": n, "batch_size": 1, "max_new_tokens": 48})
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -160,17 +129,18 @@ def test_resume_after_sigkill_during_sampling(loaded_ws, tiny_model_dir, tmp_pat
     assert store.run_status("killed")["status"] == "done"
 
 
-def test_config_errors_name_the_field(loaded_ws, tmp_path):
+def test_config_errors_name_the_field(demo_chat_ws, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"model": "embedded", "train_dataset": "demo", "sampling": {"n": 0, "temprature": 1}}))
-    res = cli(loaded_ws, "run", str(bad), ok=False)
+    bad.write_text(yaml.safe_dump({"model": "embedded", "train_dataset": "demo",
+                                   "sampling": {"n": 0, "temprature": 1}}))
+    res = cli(demo_chat_ws, "run", str(bad), ok=False)
     assert res.exit_code == 2
     assert "sampling.temprature: unknown key" in res.output and "sampling.n" in res.output
     missing = tmp_path / "missing.yaml"
     missing.write_text(yaml.safe_dump({"model": "embedded", "train_dataset": "nope"}))
-    res = cli(loaded_ws, "run", str(missing), ok=False)
+    res = cli(demo_chat_ws, "run", str(missing), ok=False)
     assert res.exit_code == 2 and "no dataset 'nope'" in res.output
-    res = cli(loaded_ws, "run", str(tmp_path / "absent.yaml"), ok=False)
+    res = cli(demo_chat_ws, "run", str(tmp_path / "absent.yaml"), ok=False)
     assert res.exit_code == 2 and "absent.yaml" in res.output
 
 
@@ -179,7 +149,8 @@ def test_import_reports_bad_rows_and_is_idempotent(tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = {"instruction": "Say hi", "response": "hi", "gold_score": 5, "criteria": "Is it a greeting?",
             **{f"score{k}_description": f"level {k}" for k in range(1, 6)}}
-    bad.write_text("\n".join([json.dumps(good), json.dumps({**good, "response": "x", "gold_score": 9}), "{not json"]) + "\n")
+    rows = [json.dumps(good), json.dumps({**good, "response": "x", "gold_score": 9}), "{not json"]
+    bad.write_text("\n".join(rows) + "\n")
     res = cli(ws, "import", str(bad), "--dataset", "b", ok=False)
     assert res.exit_code == 2 and "row 2" in res.output and "row 3" in res.output
     assert Store.in_workspace(ws).datasets().height == 0  # nothing half-written
@@ -192,30 +163,23 @@ def test_import_reports_bad_rows_and_is_idempotent(tmp_path):
     assert listing["datasets"][0]["items"] == 1
 
 
-def strict_json(text: str):
-    """json.loads that refuses NaN / Infinity (what a strict parser, e.g. jq or JavaScript, would refuse)."""
-    def refuse(constant):
-        raise ValueError(f"not strict JSON: {constant}")
-    return json.loads(text, parse_constant=refuse)
-
-
-def test_standalone_evaluate_prints_metrics(loaded_ws, tiny_model_dir):
-    res = cli(loaded_ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--dataset", "chat",
+def test_standalone_evaluate_prints_metrics(demo_chat_ws, tiny_model_dir):
+    res = cli(demo_chat_ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--dataset", "chat",
               "--max-items", "4", "--max-new-tokens", "8", "--json")
     out = strict_json(res.stdout)  # the whole of stdout: one strict object, progress went to stderr
     assert set(out) == {"run_id", "iteration", "metrics"} and out["iteration"] == 0
     metrics = out["metrics"]
     assert metrics["demo"]["n"] == 4 and metrics["chat"]["n"] == 4
     assert "pearson" in metrics["demo"] and "accuracy" in metrics["chat"]
-    runs = json.loads(cli(loaded_ws, "status", "--json").output)["runs"]
+    runs = json.loads(cli(demo_chat_ws, "status", "--json").output)["runs"]
     assert [r["kind"] for r in runs] == ["evaluate"]  # kept in the store like any run
     assert [r["id"] for r in runs] == [out["run_id"]]  # ... under the id the output names
-    res = cli(loaded_ws, "evaluate", "--model", "no/such/dir/../x", "--dataset", "demo", ok=False)
+    res = cli(demo_chat_ws, "evaluate", "--model", "no/such/dir/../x", "--dataset", "demo", ok=False)
     assert res.exit_code == 2
 
 
-def test_evaluate_json_is_strict_counts_agree_and_progress_goes_to_stderr(loaded_ws, tiny_model_dir):
-    res = cli(loaded_ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--max-items", "3",
+def test_evaluate_json_is_strict_counts_agree_and_progress_goes_to_stderr(demo_chat_ws, tiny_model_dir):
+    res = cli(demo_chat_ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--max-items", "3",
               "--max-new-tokens", "8", "--no-force-score", "--bootstrap", "0", "--json")
     assert "NaN" not in res.stdout
     out = strict_json(res.stdout)
@@ -223,16 +187,16 @@ def test_evaluate_json_is_strict_counts_agree_and_progress_goes_to_stderr(loaded
     assert demo["pearson"] is None  # a random model parses nothing: NaN comes out as null
     assert demo["failures"] == demo["judgments"] * demo["parse_failure_rate"] == 3  # counts agree with rates
     assert demo["n_scored"] == 0 and demo["forced"] == 0
-    run_log = loaded_ws / "runs" / out["run_id"] / "run.log"
+    run_log = demo_chat_ws / "runs" / out["run_id"] / "run.log"
     assert run_log.is_file() and f"full log in {run_log}" in res.stderr
     assert "[iter 0] evaluate demo (eval): 3/3 done" in res.stderr  # progress: stderr, not stdout
     # Without --json (and through --run): metrics on stdout, progress on stderr all the same. Nothing parsed
     # and nothing was forced: 4 failed judgments (2 sides x 2 items) leave both pairs without a score.
-    res = cli(loaded_ws, "evaluate", "--run", out["run_id"], "--iteration", "0", "--dataset", "chat",
+    res = cli(demo_chat_ws, "evaluate", "--run", out["run_id"], "--iteration", "0", "--dataset", "chat",
               "--max-items", "2")
     assert "[iter 0] evaluate chat (eval): 4/4 done" in res.stderr and "4/4 done" not in res.stdout
     assert "chat: accuracy=" in res.stdout and "parse_failure_rate=1.000" in res.stdout
-    chat = Store.in_workspace(loaded_ws).run_status(out["run_id"])["iterations"][0]["metrics"]["chat"]
+    chat = Store.in_workspace(demo_chat_ws).run_status(out["run_id"])["iterations"][0]["metrics"]["chat"]
     assert chat["failures"] == chat["judgments"] == 4 and chat["unscored_pairs"] == 2
 
 

@@ -11,31 +11,14 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
 from engine.config import parse_run_config
-from engine.demo import demo_data_path
 from engine.iteration import Runner, create_run, run_single_stage
 from engine.sampling import FakeSampler
 from engine.workspace import Workspace
-from selfrat.cli import app
 from store import Store, StoreError
 
-runner = CliRunner()
-
-
-def cli(ws: Path, *args: str, ok: bool = True):
-    result = runner.invoke(app, ["--workspace", str(ws), *args])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
-
-
-@pytest.fixture
-def ws(tmp_path) -> Path:
-    ws = tmp_path / "ws"
-    cli(ws, "import", demo_data_path(), "--dataset", "demo")
-    return ws
+from helpers import cli
 
 
 def demo_items(ws: Path, split: str) -> pl.DataFrame:
@@ -77,20 +60,20 @@ def config(model, **over) -> dict:
 # ---------------------------------------------------------------------------------------- contamination
 
 
-def test_contaminated_run_is_refused_and_allowed_runs_never_train_on_overlap(ws, tmp_path, tiny_model_dir):
-    leaked = demo_items(ws, "train").head(3)
-    cli(ws, "import", str(leak_file(tmp_path, leaked)), "--dataset", "leak", "--split", "eval")
-    w = Workspace.open(ws)
+def test_contaminated_run_is_refused_and_allowed_runs_never_train_on_overlap(demo_ws, tmp_path, tiny_model_dir):
+    leaked = demo_items(demo_ws, "train").head(3)
+    cli(demo_ws, "import", str(leak_file(tmp_path, leaked)), "--dataset", "leak", "--split", "eval")
+    w = Workspace.open(demo_ws)
     cfg = config(tiny_model_dir, eval_datasets=["leak"], iterations=1, max_train_items=6)
     with pytest.raises(StoreError, match=r"contamination: 3 train items of 'demo'.*leak"):
         create_run(w, parse_run_config(cfg))
-    assert Store.in_workspace(ws).runs().height == 0  # nothing recorded
+    assert Store.in_workspace(demo_ws).runs().height == 0  # nothing recorded
 
     rid = create_run(w, parse_run_config({**cfg, "allow_contamination": True}), "leaky")
-    store = Store.in_workspace(ws)
+    store = Store.in_workspace(demo_ws)
     report = store.run_reports(rid)["contamination"]
     assert report["overlapping_items"] == 3 and report["sources"]["train"]["by_eval_dataset"] == {"leak": 3}
-    r = Runner(w, rid, sampler_factory=lambda p: FakeSampler(gold_script(ws)), echo=False)
+    r = Runner(w, rid, sampler_factory=lambda p: FakeSampler(gold_script(demo_ws)), echo=False)
     items = r.train_items(1)
     assert items.height == 6
     assert not set(items["item_id"]) & set(leaked["item_id"])
@@ -99,24 +82,24 @@ def test_contaminated_run_is_refused_and_allowed_runs_never_train_on_overlap(ws,
     assert sampled and not sampled & set(leaked["item_id"])  # the overlap never reaches training
 
 
-def test_seed_sft_items_are_checked_too(ws, tmp_path, tiny_model_dir):
-    leaked = demo_items(ws, "eval").head(2)
-    cli(ws, "import", str(leak_file(tmp_path, leaked)), "--dataset", "leak", "--split", "eval")
+def test_seed_sft_items_are_checked_too(demo_ws, tmp_path, tiny_model_dir):
+    leaked = demo_items(demo_ws, "eval").head(2)
+    cli(demo_ws, "import", str(leak_file(tmp_path, leaked)), "--dataset", "leak", "--split", "eval")
     cfg = config(tiny_model_dir, eval_datasets=["leak"], sft={"dataset": "demo", "split": "all"})
     with pytest.raises(StoreError, match=r"2 sft items of 'demo' \(split all\)"):
-        create_run(Workspace.open(ws), parse_run_config(cfg))
+        create_run(Workspace.open(demo_ws), parse_run_config(cfg))
 
 
 # ---------------------------------------------------------------------------------------- items per iteration
 
 
-def test_each_iteration_samples_its_own_slice_of_items(ws, tiny_model_dir):
-    w = Workspace.open(ws)
+def test_each_iteration_samples_its_own_slice_of_items(demo_ws, tiny_model_dir):
+    w = Workspace.open(demo_ws)
     cfg = parse_run_config(config(tiny_model_dir, iterations=2, train_items_per_iteration=4))
     rid = create_run(w, cfg, "sliced")
-    r = Runner(w, rid, sampler_factory=lambda p: FakeSampler(gold_script(ws)), echo=False)
+    r = Runner(w, rid, sampler_factory=lambda p: FakeSampler(gold_script(demo_ws)), echo=False)
     first, second = r.train_items(1), r.train_items(2)
-    all_train = demo_items(ws, "train")
+    all_train = demo_items(demo_ws, "train")
     assert first["item_id"].to_list() == all_train["item_id"].to_list()[:4]
     assert second["item_id"].to_list() == all_train["item_id"].to_list()[4:8]
     many = all_train.height // 4 + 1
@@ -138,28 +121,28 @@ def ab_script(ws: Path, right_samples: int = 2):
     return script
 
 
-def test_seed_baselines_are_recorded_as_method_metrics(ws, tiny_model_dir):
-    w = Workspace.open(ws)
+def test_seed_baselines_are_recorded_as_method_metrics(demo_ws, tiny_model_dir):
+    w = Workspace.open(demo_ws)
     cfg = config(tiny_model_dir, evaluation={"bootstrap": 200, "baselines": ["self-consistency"], "baseline_n": 3})
     rid = create_run(w, parse_run_config(cfg), "baselines")
-    Runner(w, rid, sampler_factory=lambda p: FakeSampler(ab_script(ws)), echo=False).run_all()
-    m = Store.in_workspace(ws).run_status(rid)["iterations"][0]["metrics"]["demo"]
+    Runner(w, rid, sampler_factory=lambda p: FakeSampler(ab_script(demo_ws)), echo=False).run_all()
+    m = Store.in_workspace(demo_ws).run_status(rid)["iterations"][0]["metrics"]["demo"]
     # Greedy = sample 0 = gold; majority of (gold, gold, gold +- 2) = gold; the mean misses by 2/3.
     assert m["exact"] == 1.0 and m["pearson"] == pytest.approx(1.0)
     assert m["self-consistency-majority/exact"] == 1.0
     assert m["self-consistency-mean/exact"] == 0.0 and m["self-consistency-mean/within1"] == 1.0
     assert m["pearson_lo"] - 1e-9 <= m["pearson"] <= m["pearson_hi"] + 1e-9
-    store = Store.in_workspace(ws)
+    store = Store.in_workspace(demo_ws)
     assert store.judgments(rid, 0, "baseline").height == 10 * 3
     methods = set(store.breakdowns(rid, 0)["method"])
     assert {"greedy", "self-consistency-mean", "self-consistency-majority"} <= methods
 
 
-def test_best_of_n_keeps_the_sample_the_meta_judge_rates_highest(ws, tiny_model_dir):
+def test_best_of_n_keeps_the_sample_the_meta_judge_rates_highest(demo_ws, tiny_model_dir):
     import re
 
-    judge = gold_script(ws, right_samples=0)  # every sample misses the gold by 2 ...
-    golds = {it["response"]: int(it["gold_score"]) for it in demo_items(ws, None).iter_rows(named=True)}
+    judge = gold_script(demo_ws, right_samples=0)  # every sample misses the gold by 2 ...
+    golds = {it["response"]: int(it["gold_score"]) for it in demo_items(demo_ws, None).iter_rows(named=True)}
 
     def script(messages, index, seed):
         prompt = messages[-1]["content"]
@@ -171,49 +154,49 @@ def test_best_of_n_keeps_the_sample_the_meta_judge_rates_highest(ws, tiny_model_
             return f"Feedback for sample 2. [RESULT] {next(g for r, g in golds.items() if r in prompt)}"
         return judge(messages, index, seed)
 
-    w = Workspace.open(ws)
+    w = Workspace.open(demo_ws)
     cfg = config(tiny_model_dir, evaluation={"bootstrap": 0, "baselines": ["self-consistency", "best-of-n"],
                                              "baseline_n": 3})
     rid = create_run(w, parse_run_config(cfg), "bon")
     Runner(w, rid, sampler_factory=lambda p: FakeSampler(script, model_name="judge"), echo=False).run_all()
-    m = Store.in_workspace(ws).run_status(rid)["iterations"][0]["metrics"]["demo"]
+    m = Store.in_workspace(demo_ws).run_status(rid)["iterations"][0]["metrics"]["demo"]
     assert m["exact"] == 0.0 and m["self-consistency-majority/exact"] == 0.0
     assert m["best-of-n/exact"] == 1.0
-    ratings = Store.in_workspace(ws).meta_ratings(rid, 0, "baseline")
+    ratings = Store.in_workspace(demo_ws).meta_ratings(rid, 0, "baseline")
     assert ratings.height == 10 * 3 and set(ratings["rater_model"]) == {"judge"}
     assert sorted(set(ratings["rating"])) == [1, 5]
 
 
-def test_relative_mode_in_runs_exposes_position_bias(ws, shared_data, tiny_model_dir):
-    cli(ws, "import", str(shared_data / "rewardbench" / "Chat.jsonl"), "--dataset", "chat", "--split", "eval")
-    w = Workspace.open(ws)
+def test_relative_mode_in_runs_exposes_position_bias(demo_ws, shared_data, tiny_model_dir):
+    cli(demo_ws, "import", str(shared_data / "rewardbench" / "Chat.jsonl"), "--dataset", "chat", "--split", "eval")
+    w = Workspace.open(demo_ws)
     cfg = config(tiny_model_dir, eval_datasets=["chat"], max_eval_items=6,
                  evaluation={"bootstrap": 0, "pairwise_modes": ["absolute", "relative"]})
     rid = create_run(w, parse_run_config(cfg), "ab")
-    Runner(w, rid, sampler_factory=lambda p: FakeSampler(ab_script(ws)), echo=False).run_all()
-    m = Store.in_workspace(ws).run_status(rid)["iterations"][0]["metrics"]["chat"]
+    Runner(w, rid, sampler_factory=lambda p: FakeSampler(ab_script(demo_ws)), echo=False).run_all()
+    m = Store.in_workspace(demo_ws).run_status(rid)["iterations"][0]["metrics"]["chat"]
     assert m["relative/accuracy"] == 0.0 and m["relative/tie_rate"] == 1.0
     assert m["relative/position_consistency"] == 0.0 and m["relative/first_position_rate"] == 1.0
     assert "accuracy" in m  # the absolute-to-pairwise figure beside it
-    rel = Store.in_workspace(ws).judgments(rid, 0, "relative")
+    rel = Store.in_workspace(demo_ws).judgments(rid, 0, "relative")
     assert sorted(set(rel["side"])) == ["ab", "ba"] and set(rel["verdict"]) == {"A"}
 
 
-def test_standalone_evaluate_method_self_consistency(ws, tiny_model_dir):
-    res = cli(ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--method", "self-consistency",
+def test_standalone_evaluate_method_self_consistency(demo_ws, tiny_model_dir):
+    res = cli(demo_ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--method", "self-consistency",
               "--n", "2", "--max-items", "3", "--max-new-tokens", "8", "--bootstrap", "0", "--json")
-    metrics = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("{")))["metrics"]["demo"]
+    metrics = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("{")))["metrics"]["demo"]
     assert metrics["self-consistency-mean/n"] == 3 and "self-consistency-majority/exact" in metrics
     assert "pearson" not in metrics  # no greedy pass was asked for
-    bad = cli(ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--method", "vibes", ok=False)
+    bad = cli(demo_ws, "evaluate", "--model", str(tiny_model_dir), "--dataset", "demo", "--method", "vibes", ok=False)
     assert bad.exit_code == 2 and "vibes" in bad.output
 
 
 # ---------------------------------------------------------------------------------------- seed SFT, single stage
 
 
-def test_seed_sft_becomes_the_judge_of_iteration_zero_and_single_stage_baseline(ws, tiny_model_dir):
-    w = Workspace.open(ws)
+def test_seed_sft_becomes_the_judge_of_iteration_zero_and_single_stage_baseline(demo_ws, tiny_model_dir):
+    w = Workspace.open(demo_ws)
     cfg = config(tiny_model_dir, iterations=1, train_items_per_iteration=3, max_eval_items=4,
                  sft={"dataset": "demo", "max_items": 4, "epochs": 1, "learning_rate": 1e-3, "max_length": 768},
                  curation={"min_margin": 1, "max_pairs_per_item": 1},
@@ -225,7 +208,7 @@ def test_seed_sft_becomes_the_judge_of_iteration_zero_and_single_stage_baseline(
         seen.append(path)
         return FakeSampler(gold_script(w.root, right_samples=1), model_name=path)
     Runner(w, rid, sampler_factory=factory, echo=False).run_all()
-    store = Store.in_workspace(ws)
+    store = Store.in_workspace(demo_ws)
     it0, it1 = store.iterations(rid)[:2]
     sft_dir = Path(it0["checkpoint"])
     assert it0["train_status"] == "done" and sft_dir.name == "iter-0-sft"

@@ -5,44 +5,26 @@ the named suite. (The pure functions have known-answer tests in test_length.py a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
 from engine.config import parse_run_config
-from engine.demo import demo_data_path
 from engine.iteration import Runner, create_run
 from engine.sampling import FakeSampler
 from engine.suites import IMPORT_COMMANDS
 from engine.workspace import Workspace
-from selfrat.cli import app
 from store import Store, queries
 
-runner = CliRunner()
-
-
-def cli(ws: Path, *args: str, ok: bool = True):
-    result = runner.invoke(app, ["--workspace", str(ws), *args])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
-
-
-@pytest.fixture
-def ws(tmp_path, shared_data) -> Path:
-    ws = tmp_path / "ws"
-    cli(ws, "import", demo_data_path(), "--dataset", "demo")
-    cli(ws, "import", str(shared_data / "rewardbench" / "Chat.jsonl"), "--dataset", "chat", "--split", "eval")
-    return ws
+from helpers import cli
 
 
 def always_five(messages, index, seed):
     return "Looks great. [RESULT] 5"
 
 
-def test_a_saturated_judge_is_flagged_and_scored_beside_the_length_baseline(ws, tiny_model_dir):
+def test_a_saturated_judge_is_flagged_and_scored_beside_the_length_baseline(demo_chat_ws, tiny_model_dir):
+    ws = demo_chat_ws
     w = Workspace.open(ws)
     cfg = parse_run_config({"model": str(tiny_model_dir), "eval_datasets": ["demo", "chat"], "iterations": 0,
                             "max_eval_items": 10, "evaluation": {"bootstrap": 0}})
