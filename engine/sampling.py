@@ -40,7 +40,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -378,7 +378,43 @@ def _preallocated_cache(config, capacity: int):
     return cache
 
 
-class TransformersSampler:
+class ChatJudge:
+    """What the real backends share: prompts go through the tokenizer's chat template, and the result tokens
+    of a mode are found once. Subclasses set `tokenizer`, `score_tokens` and `_verdict_tokens = None`."""
+
+    tokenizer: Any
+    score_tokens: ScoreTokens
+    _verdict_tokens: ScoreTokens | None
+
+    def result_tokens(self, mode: str) -> ScoreTokens:
+        """The marker and label tokens of `mode`: scores 1..5 (absolute) or verdicts A, B (relative)."""
+        if mode != "relative":
+            return self.score_tokens
+        if self._verdict_tokens is None:
+            self._verdict_tokens = find_score_tokens(self.tokenizer, VERDICTS)
+        return self._verdict_tokens
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Chat template with the generation prompt, as token ids (the template carries its own specials)."""
+        return chat_prompt_ids(self.tokenizer, messages)
+
+    def generate(self, prompts: Sequence[list[dict]], n: int, params: SamplingParams,
+                 seeds: Sequence[Sequence[int]], progress: bool = False) -> list[list[Sample]]:
+        """The `Sampler` protocol: checks, the chat-templated prompt ids, then the backend's `_judge`."""
+        _check_seeds(prompts, n, seeds)
+        if not prompts:
+            return []
+        t0 = time.perf_counter()
+        st = self.result_tokens(params.mode)
+        return self._judge([self.encode_prompt(m) for m in prompts], n, params, st, seeds, progress, t0)
+
+    def _judge(self, prompt_ids: list[list[int]], n: int, params: SamplingParams, st: ScoreTokens,
+               seeds: Sequence[Sequence[int]], progress: bool, t0: float) -> list[list[Sample]]:
+        """[prompt][sample] judgments of already-encoded prompts (t0: when `generate` began, for latency)."""
+        raise NotImplementedError
+
+
+class TransformersSampler(ChatJudge):
     """Judgments from a local/hub checkpoint with transformers; see the module docstring for the loop.
 
     ``generate`` runs all given prompts as one batch (B prompts -> B*n rows); callers chunk by batch size."""
@@ -415,40 +451,14 @@ class TransformersSampler:
     def _stop_ids(self) -> frozenset[int]:
         return stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
 
-    def result_tokens(self, mode: str) -> ScoreTokens:
-        """The marker and label tokens of `mode`: scores 1..5 (absolute) or verdicts A, B (relative)."""
-        if mode != "relative":
-            return self.score_tokens
-        if self._verdict_tokens is None:
-            self._verdict_tokens = find_score_tokens(self.tokenizer, VERDICTS)
-        return self._verdict_tokens
-
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
-        """Chat template with the generation prompt, as token ids (the template carries its own specials)."""
-        return chat_prompt_ids(self.tokenizer, messages)
-
-    # ------------------------------------------------------------------ public
-
-    def generate(
-        self,
-        prompts: Sequence[list[dict]],
-        n: int,
-        params: SamplingParams,
-        seeds: Sequence[Sequence[int]],
-        progress: bool = False,
-    ) -> list[list[Sample]]:
-        _check_seeds(prompts, n, seeds)
-        if not prompts:
-            return []
-        t0 = time.perf_counter()
-        st = self.result_tokens(params.mode)
-        prompt_ids = [self.encode_prompt(m) for m in prompts]
+    def _judge(self, prompt_ids: list[list[int]], n: int, params: SamplingParams, st: ScoreTokens,
+               seeds: Sequence[Sequence[int]], progress: bool, t0: float) -> list[list[Sample]]:
         flat_seeds = [int(s) for per_prompt in seeds for s in per_prompt]
         rows = self._decode(prompt_ids, n, params, st, flat_seeds, progress)
         share = (time.perf_counter() - t0) / len(rows)
         return [
             [self._to_sample(rows[i * n + j], params, st, len(prompt_ids[i]), share) for j in range(n)]
-            for i in range(len(prompts))
+            for i in range(len(prompt_ids))
         ]
 
     # ------------------------------------------------------------------ the loop
@@ -677,14 +687,8 @@ class FakeSampler:
         self.script = script
         self.model_name = model_name
 
-    def generate(
-        self,
-        prompts: Sequence[list[dict]],
-        n: int,
-        params: SamplingParams,
-        seeds: Sequence[Sequence[int]],
-        progress: bool = False,
-    ) -> list[list[Sample]]:
+    def generate(self, prompts: Sequence[list[dict]], n: int, params: SamplingParams,
+                 seeds: Sequence[Sequence[int]], progress: bool = False) -> list[list[Sample]]:
         _check_seeds(prompts, n, seeds)
         return [[self._one(m, j, int(seeds[i][j]), params) for j in range(n)] for i, m in enumerate(prompts)]
 

@@ -259,21 +259,21 @@ def _checkpoint_dirs(out_dir: Path, main: bool = True) -> Iterator[tuple[Path, P
         shutil.rmtree(tmp_dir, ignore_errors=True)  # only still there if something failed
 
 
-def _trl_args(*, scratch: Path, dev: str, precision: str, seed: int, learning_rate: float, epochs: float,
-              batch_size: int, gradient_accumulation_steps: int, max_length: int,
+def _trl_args(cfg: SFTConfig | TrainingConfig, *, scratch: Path, dev: str, precision: str,
               report_to: Sequence[str] = ("none",)) -> dict[str, Any]:
-    """TRL config fields that SFTConfig and DPOConfig share."""
+    """TRL config fields that SFTConfig and DPOConfig share, from our SFT or DPO config."""
+    batch_size, gradient_accumulation_steps = cfg.batch_size, cfg.gradient_accumulation_steps
     return dict(
         output_dir=str(scratch),
-        learning_rate=learning_rate,
-        num_train_epochs=epochs,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
         # On CPU a batch runs as micro-batches of one example, accumulated to the same optimizer step: the
         # cores are busy with one ~1,500-token sequence already, so batching buys no speed there, while it pads
         # every example to the longest and holds all their activations at once (a batch of 4 CIA pairs: > 20 GB).
         per_device_train_batch_size=1 if dev == "cpu" else batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps * (batch_size if dev == "cpu" else 1),
-        max_length=max_length,
-        seed=seed,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
         # TRL turns bf16 on unless told otherwise (even on CPU): always say which.
         bf16=precision == "bf16",
         fp16=False,
@@ -290,6 +290,37 @@ def _trl_args(*, scratch: Path, dev: str, precision: str, seed: int, learning_ra
         ddp_find_unused_parameters=False,  # DDP only: every trained weight takes part in each step
         disable_tqdm=True,  # progress goes through `log`
     )
+
+
+def _trainer(trainer_cls, cfg: SFTConfig | TrainingConfig, *, model, args, dataset, tokenizer, say, progress,
+             launched, tb_dir: Path, line: Callable[[dict], str], **extra):
+    """A TRL trainer (SFTTrainer / DPOTrainer) as both stages build it: LoRA from cfg, one log line per step
+    (`line` formats it), TensorBoard in `tb_dir`, and under accelerate the check that the launch is what was
+    asked for."""
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
+        callbacks=[_step_logger(say, progress, line)],
+        **extra,
+    )
+    _point_tensorboard(trainer, tb_dir)
+    if launched:
+        launched.check(trainer)
+    return trainer
+
+
+def _publish_trained(trainer, tokenizer, cfg: SFTConfig | TrainingConfig, record: dict, *, base_path: str,
+                     tmp_dir: Path, out_dir: Path, dev: str, precision: str, launched, metrics: dict) -> None:
+    """`_publish` with what every checkpoint record holds: device, precision (what `auto` chose), the
+    distributed launch, the metrics."""
+    record = {**record, "device": dev, "precision": precision,
+              "distributed": launched.record() if launched else None, "metrics": metrics}
+    _publish(trainer, tokenizer, lora=cfg.lora, tmp_dir=tmp_dir, out_dir=out_dir, record=record,
+             base_path=base_path, lora_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
+             quantized=cfg.quantization is not None)
 
 
 def _lora_config(r: int, alpha: int):
@@ -543,10 +574,8 @@ def train_sft(
         `sft/loss` (mean over steps), `sft/final_loss`, `sft/steps`, `sft/runtime_s`, `sft/examples`, and
         `sft/token_accuracy` (mean over steps of TRL's completion-token accuracy).
     """
-    out_dir = Path(out_dir)
-    say = log or (lambda _line: None)
-    stored = _stored_metrics(out_dir, say)
-    if stored is not None:
+    out_dir, say = Path(out_dir), log or (lambda _line: None)
+    if (stored := _stored_metrics(out_dir, say)) is not None:
         return stored
     if len(examples) == 0:
         raise UsageError("train_sft got zero examples: the SFT dataset has no items with gold feedback "
@@ -571,10 +600,7 @@ def train_sft(
         model = _load(model_path, cfg.quantization, precision)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         args = TRLSFTConfig(
-            **_trl_args(scratch=scratch, dev=dev, precision=precision, seed=cfg.seed,
-                        learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
-                        report_to=report_to),
+            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=report_to),
             lr_scheduler_type=cfg.lr_scheduler_type,
             warmup_steps=cfg.warmup_ratio,  # transformers 5 dropped warmup_ratio: a float < 1 is a fraction
             completion_only_loss=True,  # said, not left to TRL's guess from the column names
@@ -583,18 +609,10 @@ def train_sft(
         say(f"SFT: {len(examples)} examples, model={model_path}, device={dev}, precision={precision}, lora={cfg.lora}"
             + (f", quantization={cfg.quantization}" if cfg.quantization else "")
             + (f", {launched.strategy} x {launched.num_processes} processes" if launched else ""))
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
-            callbacks=[_step_logger(say, progress, lambda logs: (
-                f"loss={logs['loss']:.4f} acc={logs.get('mean_token_accuracy', math.nan):.4f}"))],
-        )
-        _point_tensorboard(trainer, tb_dir or out_dir.parent / f"{out_dir.name}.tb")
-        if launched:
-            launched.check(trainer)
+        trainer = _trainer(SFTTrainer, cfg, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
+                           say=say, progress=progress, launched=launched,
+                           tb_dir=tb_dir or out_dir.parent / f"{out_dir.name}.tb", line=lambda logs: (
+                               f"loss={logs['loss']:.4f} acc={logs.get('mean_token_accuracy', math.nan):.4f}"))
         n_cut = _cut_examples(trainer.train_dataset, len(examples), cfg.max_length)
         if n_cut:
             say(f"warning: {n_cut} of {len(examples)} examples are longer than max_length={cfg.max_length} "
@@ -607,14 +625,9 @@ def train_sft(
             "n_examples": len(examples),
             "n_cut": n_cut,
             "sft": cfg.model_dump(),
-            "device": dev,
-            "precision": precision,
-            "distributed": launched.record() if launched else None,
-            "metrics": metrics,
         }
-        _publish(trainer, tokenizer, lora=cfg.lora, tmp_dir=tmp_dir, out_dir=out_dir, record=record,
-                 base_path=str(model_path), lora_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
-                 quantized=cfg.quantization is not None)
+        _publish_trained(trainer, tokenizer, cfg, record, base_path=str(model_path), tmp_dir=tmp_dir,
+                         out_dir=out_dir, dev=dev, precision=precision, launched=launched, metrics=metrics)
     say(f"saved {out_dir} ({metrics['sft/steps']:.0f} steps, final loss {metrics['sft/final_loss']:.4f})")
     return metrics
 
@@ -684,10 +697,8 @@ def train_dpo(
         TRL's step metrics averaged over the run, as `train/loss`, `train/rewards/{chosen,rejected,
         accuracies,margins}`, plus `train/steps` and `train/runtime_s`.
     """
-    out_dir = Path(out_dir)
-    say = log or (lambda _line: None)
-    stored = _stored_metrics(out_dir, say)
-    if stored is not None:
+    out_dir, say = Path(out_dir), log or (lambda _line: None)
+    if (stored := _stored_metrics(out_dir, say)) is not None:
         return stored
     if len(pairs) == 0:
         raise ValueError("train_dpo got zero preference pairs: curation produced nothing to train on "
@@ -715,10 +726,7 @@ def train_dpo(
         ref_model = _load(reference_path, cfg.quantization, precision) if separate_ref else None
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=False)
         args = DPOConfig(
-            **_trl_args(scratch=scratch, dev=dev, precision=precision, seed=cfg.seed,
-                        learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
-                        report_to=cfg.report_to),
+            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=cfg.report_to),
             beta=cfg.beta,
             precompute_ref_log_probs=cfg.precompute_ref_log_probs,
             **loss_terms,
@@ -731,19 +739,10 @@ def train_dpo(
             + (", precomputed reference log-probs" if cfg.precompute_ref_log_probs else "")
             + (f", {launched.strategy} x {launched.num_processes} processes" if launched else "")
         )
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
-            callbacks=[_step_logger(say, progress, lambda logs: (
-                f"loss={logs['loss']:.4f} margin={logs.get('rewards/margins', math.nan):.4f}"))],
-        )
-        _point_tensorboard(trainer, tb_dir or out_dir.parent / f"{out_dir.name}.tb")
-        if launched:
-            launched.check(trainer)
+        trainer = _trainer(DPOTrainer, cfg, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
+                           say=say, progress=progress, launched=launched, ref_model=ref_model,
+                           tb_dir=tb_dir or out_dir.parent / f"{out_dir.name}.tb", line=lambda logs: (
+                               f"loss={logs['loss']:.4f} margin={logs.get('rewards/margins', math.nan):.4f}"))
         history, steps, runtime_s = _train(trainer)
         metrics = _summarize(history, steps, runtime_s)
         record = {
@@ -753,13 +752,8 @@ def train_dpo(
             "n_pairs": len(pairs),
             "training": cfg.model_dump(),
             "trl_loss": loss_terms,  # what the loss options became in TRL's terms
-            "device": dev,
-            "precision": precision,
-            "distributed": launched.record() if launched else None,
-            "metrics": metrics,
         }
-        _publish(trainer, tokenizer, lora=cfg.lora, tmp_dir=tmp_dir, out_dir=out_dir, record=record,
-                 base_path=str(policy_path), lora_config=_lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
-                 quantized=cfg.quantization is not None)
+        _publish_trained(trainer, tokenizer, cfg, record, base_path=str(policy_path), tmp_dir=tmp_dir,
+                         out_dir=out_dir, dev=dev, precision=precision, launched=launched, metrics=metrics)
     say(f"saved {out_dir} ({metrics['train/steps']:.0f} steps, margin {metrics['train/rewards/margins']:.4f})")
     return metrics

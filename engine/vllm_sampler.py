@@ -58,16 +58,14 @@ from engine.config import VLLM_DTYPES, VLLMConfig
 from engine.parsing import parse_judgment
 from engine.prompts import RESULT_MARKER
 from engine.sampling import (
-    VERDICTS,
     BackendUnavailable,
+    ChatJudge,
     Sample,
     SamplingParams,
     ScoreTokens,
-    _check_seeds,
     _labels,
     _Row,
     _valid_score,
-    chat_prompt_ids,
     draw_label,
     ends_with_marker,
     find_score_tokens,
@@ -136,7 +134,7 @@ def result_regex(labels: Sequence[int | str]) -> str:
     return r"[\s\S]*" + re.escape(f" {RESULT_MARKER} ") + "[" + "".join(map(str, labels)) + "]"
 
 
-class VLLMSampler:
+class VLLMSampler(ChatJudge):
     """Judgments drawn by vLLM's offline engine; see the module docstring. ``generate`` submits all given
     prompts x n as one batch of requests (vLLM schedules them itself)."""
 
@@ -166,36 +164,13 @@ class VLLMSampler:
             return _TORCH_DTYPE_NAMES[dtype]
         return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(self.llm_kwargs["dtype"])
 
-    def result_tokens(self, mode: str) -> ScoreTokens:
-        """The marker and label tokens of `mode`: scores 1..5 (absolute) or verdicts A, B (relative)."""
-        if mode != "relative":
-            return self.score_tokens
-        if self._verdict_tokens is None:
-            self._verdict_tokens = find_score_tokens(self.tokenizer, VERDICTS)
-        return self._verdict_tokens
+    # ------------------------------------------------------------------ public: ChatJudge.generate
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages)
-
-    # ------------------------------------------------------------------ public
-
-    def generate(
-        self,
-        prompts: Sequence[list[dict]],
-        n: int,
-        params: SamplingParams,
-        seeds: Sequence[Sequence[int]],
-        progress: bool = False,
-    ) -> list[list[Sample]]:
-        _check_seeds(prompts, n, seeds)
-        if not prompts:
-            return []
+    def _judge(self, prompt_ids: list[list[int]], n: int, params: SamplingParams, st: ScoreTokens,
+               seeds: Sequence[Sequence[int]], progress: bool, t0: float) -> list[list[Sample]]:
         from vllm import TokensPrompt
 
-        t0 = time.perf_counter()
-        st = self.result_tokens(params.mode)
-        prompt_ids = [self.encode_prompt(m) for m in prompts]
-        keys = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        keys = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
         rows = [_Row(seed=int(seeds[i][j]), generator=torch.Generator().manual_seed(int(seeds[i][j])))
                 for i, j in keys]
 
@@ -216,7 +191,7 @@ class VLLMSampler:
         share = (time.perf_counter() - t0) / len(rows)
         return [
             [sample_from_row(rows[i * n + j], params, st, len(prompt_ids[i]), share) for j in range(n)]
-            for i in range(len(prompts))
+            for i in range(len(prompt_ids))
         ]
 
     # ------------------------------------------------------------------ requests

@@ -485,8 +485,8 @@ def test_cpu_batches_run_as_accumulated_micro_batches(tmp_path):
     padding to the longest, one example's activations at a time); on CUDA the batch stays whole."""
     from engine.training import _trl_args
 
-    common = dict(scratch=tmp_path, precision="fp32", seed=0, learning_rate=1e-5, epochs=1.0, max_length=64)
-    cpu = _trl_args(dev="cpu", batch_size=4, gradient_accumulation_steps=2, **common)
+    cfg = TrainingConfig(batch_size=4, gradient_accumulation_steps=2)
+    cpu = _trl_args(cfg, scratch=tmp_path, dev="cpu", precision="fp32")
     assert (cpu["per_device_train_batch_size"], cpu["gradient_accumulation_steps"]) == (1, 8)
-    gpu = _trl_args(dev="cuda", batch_size=4, gradient_accumulation_steps=2, **common)
+    gpu = _trl_args(cfg, scratch=tmp_path, dev="cuda", precision="bf16")
     assert (gpu["per_device_train_batch_size"], gpu["gradient_accumulation_steps"]) == (4, 2)
