@@ -23,7 +23,9 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,6 +61,8 @@ def cli_command(fn):
     Ctrl-C) is `cancelled` and exit 130. Any other exception is a bug: it keeps its traceback."""
     @functools.wraps(fn)
     def command(*args, **kwargs):
+        main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+        previous = signal.signal(signal.SIGINT, _interrupt_once) if main else None
         try:
             return fn(*args, **kwargs)
         except SelfratError as e:
@@ -66,9 +70,31 @@ def cli_command(fn):
         except ValidationError as e:
             _fail(format_validation_error(e, "options"))
         except (Cancelled, KeyboardInterrupt):
-            typer.echo("cancelled", err=True)
-            raise typer.Exit(130) from None
+            _exit_interrupted("cancelled")
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
     return command
+
+
+def _interrupt_once(signum, frame) -> None:
+    """Ctrl-C as one KeyboardInterrupt: later ones are ignored while the command says what it left behind
+    (polars re-raises an interrupt Python has already delivered, so a second one would cut that message)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted(message: str) -> None:
+    """Say `message` and exit 130, even when more interrupts arrive meanwhile: polars (and DuckDB) re-raise
+    a Ctrl-C that Python has already turned into KeyboardInterrupt, so a second one can land in the handler."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for _ in range(3):
+        try:
+            typer.echo(message, err=True)
+            break
+        except KeyboardInterrupt:
+            continue
+    raise typer.Exit(130) from None
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -139,10 +165,8 @@ def import_(
         )
         committed = True
     except KeyboardInterrupt:
-        what = "the import was committed before the interrupt" if committed else \
-            f"nothing was written: dataset {dataset!r} is as it was"
-        typer.echo(f"interrupted: {what}", err=True)
-        raise typer.Exit(130) from None
+        _exit_interrupted("interrupted: " + ("the import was committed before the interrupt" if committed else
+                                             f"nothing was written: dataset {dataset!r} is as it was"))
     if as_json:
         typer.echo(_strict_json(report))
         return
