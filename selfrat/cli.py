@@ -85,15 +85,8 @@ def _interrupt_once(signum, frame) -> None:
 
 
 def _exit_interrupted(message: str) -> None:
-    """Say `message` and exit 130, even when more interrupts arrive meanwhile: polars (and DuckDB) re-raise
-    a Ctrl-C that Python has already turned into KeyboardInterrupt, so a second one can land in the handler."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for _ in range(3):
-        try:
-            typer.echo(message, err=True)
-            break
-        except KeyboardInterrupt:
-            continue
+    """Say `message` and exit 130 (`_interrupt_once` keeps a second Ctrl-C from cutting the message)."""
+    typer.echo(message, err=True)
     raise typer.Exit(130) from None
 
 
@@ -229,10 +222,6 @@ def datasets(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")
                        f"  train {r['train']:>6}  eval {r['eval']:>6}")
 
 
-def _no_nan(v):
-    return None if isinstance(v, float) and v != v else v
-
-
 def _item_prompts(item: dict) -> dict[str, str]:
     """The user turn of each judge prompt the item renders to (pairwise: each side's absolute, and relative)."""
     from engine.prompts import absolute_messages, relative_messages
@@ -275,7 +264,7 @@ def datasets_show(
     store = _ws(ctx).store()
     frame = store.dataset_items(name, limit=limit, split=split)
     info = store.datasets().filter(name=name).row(0, named=True)
-    items = [{k: _no_nan(v) for k, v in r.items()} for r in frame.iter_rows(named=True)]
+    items = [_finite(r) for r in frame.iter_rows(named=True)]
     if prompt:
         for item in items:
             item["prompts"] = _item_prompts(item)
@@ -412,18 +401,21 @@ def _print_curation(r: dict, what: str) -> None:
         typer.echo(f"  warning: {warning}")
 
 
+def _finite(v):
+    """`v` with NaN and +-inf (in dicts and lists too) as None: a missing figure, printed or in JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
 def _strict_json(obj, **dumps_kw) -> str:
     """JSON any parser accepts: NaN and +-inf become null (json.dumps alone writes bare NaN / Infinity).
     Every `--json` output goes through here."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return json.dumps(clean(obj), allow_nan=False, **dumps_kw)
+    return json.dumps(_finite(obj), allow_nan=False, **dumps_kw)
 
 
 @app.command()
