@@ -218,11 +218,21 @@ ALTER TABLE judgments ADD COLUMN precision VARCHAR;
 ALTER TABLE iterations ADD COLUMN train_precision VARCHAR;
 """
 
+# DPO without a reference pass: each judgment's log-probability under the model that sampled it (the
+# unmodified distribution: before temperature / top-p / repetition penalty, forced tokens included), summed
+# over the completion tokens exactly as the DPO trainer tokenizes them, end-of-turn tail included; NULL when
+# the sampler could not score them (the fake sampler, vLLM without prompt log-probs).
+M005_REF_LOGP = """
+ALTER TABLE judgments ADD COLUMN ref_logp DOUBLE;
+ALTER TABLE judgments ADD COLUMN ref_tokens INTEGER;
+"""
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "core", M001_CORE),
     (2, "method", M002_METHOD),
     (3, "imports", M003_IMPORTS),
     (4, "precision", M004_PRECISION),
+    (5, "ref_logp", M005_REF_LOGP),
 ]
 
 LATEST = MIGRATIONS[-1][0]

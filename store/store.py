@@ -34,7 +34,7 @@ JUDGMENT_COLUMNS = [
     "judgment_id", "run_id", "iteration", "purpose", "item_id", "side", "sample_index", "model",
     "temperature", "top_p", "max_new_tokens", "seed", "raw_text", "text", "rationale", "score",
     "parse_status", "forced", "p1", "p2", "p3", "p4", "p5", "prompt_tokens", "completion_tokens",
-    "latency_s", "verdict", "precision",
+    "latency_s", "verdict", "precision", "ref_logp", "ref_tokens",
 ]
 META_RATING_COLUMNS = [
     "judgment_id", "rater_model", "run_id", "iteration", "rating", "text", "parse_status", "forced",
@@ -289,9 +289,11 @@ class Store:
         frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows), infer_schema_length=None)
         if frame.height == 0:
             return 0
-        for optional in ("verdict", "precision"):  # absolute judgments have no verdict; fakes no precision
+        # absolute judgments have no verdict; fakes no precision and no reference log-probs
+        for optional, dtype in (("verdict", pl.String), ("precision", pl.String), ("ref_logp", pl.Float64),
+                                ("ref_tokens", pl.Int64)):
             if optional not in frame.columns:
-                frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(optional))
+                frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(optional))
         frame = frame.select(JUDGMENT_COLUMNS)
         cols = ", ".join(JUDGMENT_COLUMNS)
         with self._tx() as con:
@@ -552,6 +554,8 @@ class Store:
         return self._read(
             "SELECT p.pair_id, p.item_id, p.status, p.strategy, p.margin, p.edited_rationale, p.edited_score,"
             " c.text AS chosen_text, c.score AS chosen_score, r.text AS rejected_text, r.score AS rejected_score,"
+            " c.model AS chosen_model, c.ref_logp AS chosen_ref_logp, r.model AS rejected_model,"
+            " r.ref_logp AS rejected_ref_logp,"
             " i.instruction, i.input, i.response, i.reference, " + ", ".join(f"i.{k}" for k in RUBRIC_KEYS) + ","
             " i.gold_score"
             f" FROM ({self._PAIR_VIEW}) p JOIN judgments c ON c.judgment_id = p.chosen_id"
