@@ -200,8 +200,65 @@ def _quantization_needs_lora(section, data) -> None:
                                  "model: set lora: true too (or qlora: true)", data.quantization)])
 
 
+class GRPORewardWeights(_Strict):
+    """`training.grpo.rewards`: how much each reward (engine/rewards.py) counts. A completion's reward is the
+    weighted mean of the rewards that apply to its item (absolute: score, format; pairwise: verdict,
+    consistency, format), each in [0, 1], so the total is in [0, 1] too; a weight of 0 leaves one out."""
+
+    score: float = Field(1.0, ge=0.0, description="Absolute items: 1 - |score - gold| / 4 (gold as stored, a "
+                         "fractional gold included), 0 when no score parses.")
+    format: float = Field(0.2, ge=0.0, description="Every item: 1 when the judgment parses, ending in "
+                          "`[RESULT] n` (1-5; A/B for a pairwise prompt) within max_completion_length tokens, else 0.")
+    verdict: float = Field(1.0, ge=0.0, description="Pairwise items (A/B prompts): 1 for the correct verdict "
+                           "(the gold label, read through the order the responses were shown in), 0 for the wrong "
+                           "one or none; tie-labelled items get none.")
+    consistency: float = Field(0.5, ge=0.0, description="Pairwise items (J1): the share of the step's completions "
+                               "for the other order (A/B swapped) that name the same underlying response; 0 when "
+                               "this one names none.")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "GRPORewardWeights":
+        if not any((self.score, self.format, self.verdict, self.consistency)):
+            raise ValueError("at least one reward weight must be > 0")
+        return self
+
+
+class GRPOConfig(_Strict):
+    """`training.method: grpo`: online RL on verdict correctness (TRL GRPOTrainer, as J1), instead of sampling,
+    curation and DPO. Each optimizer step samples `num_generations` judgments for each of `prompts_per_step`
+    prompts with the policy itself, scores them with the rewards, and moves the policy toward the judgments that
+    score above their group's mean. The rollouts are stored as judgments (purpose `rollout`)."""
+
+    num_generations: int = Field(4, ge=2, le=64, description="Completions (judgments) per prompt: the group whose "
+                                 "mean reward is the baseline of GRPO's advantage.")
+    prompts_per_step: int = Field(2, ge=1, le=256, description="Prompts per optimizer step (x num_generations "
+                                  "completions). A pairwise item is two prompts (both orders), always in the same "
+                                  "step: with pairwise items this must be even.")
+    max_completion_length: int = Field(256, ge=8, le=4096, description="Token budget of a rollout; a judgment "
+                                       "that has not written its score by then gets no format or score reward.")
+    temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass of the rollouts (1.0 = off).")
+    beta: float = Field(0.0, ge=0.0, description="KL coefficient against the starting policy; 0 (TRL's default) "
+                        "loads no reference model.")
+    learning_rate: float | None = Field(None, gt=0.0, description="AdamW learning rate; None = "
+                                        "training.learning_rate.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; None = `epochs` passes over the "
+                                  "iteration's train items.")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the train items when max_steps is None.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0, description="On a GPU with vllm installed, rollouts come from vLLM colocated in the "
+        "training process (TRL vllm_mode colocate); this share of the GPU is vLLM's.")
+    rewards: GRPORewardWeights = Field(default_factory=GRPORewardWeights)
+
+
 class TrainingConfig(_Strict):
-    """DPO on the curated pairs (TRL DPOTrainer). `distributed` and `report_to` apply to the seed SFT too."""
+    """DPO on the curated pairs (TRL DPOTrainer), or GRPO (`method: grpo`, `grpo:`). `distributed` and
+    `report_to` apply to the seed SFT too."""
+
+    method: Literal["dpo", "grpo"] = Field(
+        "dpo", description="dpo: sample, curate pairs, DPO (the paper); grpo: online RL on the judge's own rollouts "
+        "rewarded for the gold score / verdict (sampling and curation are skipped; settings in `grpo`).")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="Settings of method: grpo.")
 
     loss: Literal["sigmoid", "sigmoid+sft"] = Field(
         "sigmoid", description="sigmoid: DPO; sigmoid+sft: DPO plus NLL on the chosen judgment (Self-Taught Evaluator)."
@@ -230,8 +287,10 @@ class TrainingConfig(_Strict):
         None, description="4bit: QLoRA (bitsandbytes NF4 base weights, LoRA adapters; CUDA only). `qlora: true` "
         "is short for `lora: true, quantization: 4bit`.")
     precompute_ref_log_probs: bool = Field(
-        False, description="TRL DPOConfig: compute the reference log-probs once before training, so the "
-        "reference model is not kept in memory during it.")
+        True, description="Reference log-probs once before training, not a reference forward at every step "
+        "(the reference model leaves memory): the ones the sampler stored with each judgment when it is the "
+        "reference (`reference: previous`), the rest in one batched no-grad pass (TRL DPOConfig). false: TRL's "
+        "live reference forward.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio", "none"]] = Field(
         default_factory=lambda: ["none"],
         description="Run trackers, passed to TRL; tensorboard logs go to runs/<id>/tb/iter-k. ['none'] = off.")
@@ -260,6 +319,10 @@ class TrainingConfig(_Strict):
     @model_validator(mode="after")
     def _combinations(self) -> "TrainingConfig":
         _quantization_needs_lora("TrainingConfig", self)
+        if self.method == "grpo" and self.distributed is not None:
+            _field_errors("TrainingConfig", [(("distributed",), "method grpo trains in one process (rollouts and "
+                                              "updates in the same trainer): remove training.distributed",
+                                              self.distributed.model_dump())])
         return self
 
 

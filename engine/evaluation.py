@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from engine import calibration
-from engine.judging import JudgeRequest
 from engine.length import (
     length_baseline_scores,
     pairwise_by_length,
@@ -48,6 +48,9 @@ from engine.metrics import (
 )
 from engine.prompts import absolute_messages
 from store.errors import UsageError
+
+if TYPE_CHECKING:  # engine.judging brings torch (engine.sampling): the app reads predictions without it
+    from engine.judging import JudgeRequest
 
 CHOSEN_SIDE = {"A": "a", "B": "b"}
 METHODS = ("greedy", "self-consistency-mean", "self-consistency-majority", "best-of-n", "expected")
@@ -69,6 +72,8 @@ class EvalResult:
 
 def eval_requests(items: pl.DataFrame) -> list[JudgeRequest]:
     """Absolute items are judged once per sample; pairwise items once per side."""
+    from engine.judging import JudgeRequest
+
     out = []
     for item in items.iter_rows(named=True):
         out.append(JudgeRequest(item["item_id"], "a", absolute_messages(item)))
@@ -191,12 +196,19 @@ def dataset_metrics(items: pl.DataFrame, judgments: pl.DataFrame, *, bootstrap: 
     return evaluate_judgments(items, judgments, method="greedy", bootstrap=bootstrap, seed=seed).metrics
 
 
-def _absolute(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: int) -> EvalResult:
+def absolute_rows(items: pl.DataFrame, preds: pl.DataFrame) -> pl.DataFrame:
+    """What absolute metrics compare, one row per item in item_id order: item_id, gold_score, criteria, meta and
+    pred (side a's prediction from `predictions`; null = none). Raises UsageError naming an item without gold."""
     side_a = preds.filter(pl.col("side") == "a").select("item_id", "pred")
     rows = items.select("item_id", "gold_score", "criteria", "meta").join(side_a, on="item_id", how="left")
     rows = rows.sort("item_id")
     for r in rows.filter(pl.col("gold_score").is_null()).head(1).iter_rows(named=True):
         raise UsageError(f"item {r['item_id']}: no gold score; absolute evaluation needs one per item")
+    return rows
+
+
+def _absolute(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: int) -> EvalResult:
+    rows = absolute_rows(items, preds)
     gold, pred = rows["gold_score"].to_list(), rows["pred"].to_list()
     metrics = absolute_metrics(gold, pred, bootstrap=bootstrap, seed=seed)
     # Responses to one prompt: the instruction and its input together (one instruction, many inputs is common).
@@ -218,7 +230,10 @@ def _absolute(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: in
     return EvalResult(metrics, _frame(breakdown), confusion_matrix(gold, pred))
 
 
-def _pairwise(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: int) -> EvalResult:
+def pairwise_rows(items: pl.DataFrame, preds: pl.DataFrame) -> tuple[pl.DataFrame, list, list, list[str]]:
+    """What pairwise (absolute-to-pairwise) metrics compare: rows (item_id, label, criteria, meta, and a / b,
+    each side's prediction from `predictions`) in item_id order, and per row the chosen and the rejected side's
+    prediction and the label, as `metrics.pairwise_outcomes` takes them. Raises UsageError for a bad label."""
     sides = {s: preds.filter(pl.col("side") == s).select("item_id", pl.col("pred").alias(s)) for s in ("a", "b")}
     rows = (items.select("item_id", "label", "criteria", "meta")
             .join(sides["a"], on="item_id", how="left").join(sides["b"], on="item_id", how="left").sort("item_id"))
@@ -230,6 +245,11 @@ def _pairwise(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: in
         chosen.append(r["b"] if flip else r["a"])
         rejected.append(r["a"] if flip else r["b"])
         labels.append(r["label"])
+    return rows, chosen, rejected, labels
+
+
+def _pairwise(items: pl.DataFrame, preds: pl.DataFrame, bootstrap: int, seed: int) -> EvalResult:
+    rows, chosen, rejected, labels = pairwise_rows(items, preds)
     metrics = pairwise_metrics(chosen, rejected, labels, bootstrap=bootstrap, seed=seed)
     # Pairs missing a score on a side (counted wrong): items, not judgments; `failures` is kept for the
     # judgment count that goes with parse_failure_rate (see evaluate_judgments).
@@ -290,13 +310,22 @@ def length_baseline(items: pl.DataFrame, *, bootstrap: int = 1000, seed: int = 0
     length within the dataset mapped onto 1-5; pairwise data, the longer response wins."""
     if items.height == 0:
         return EvalResult({}, _frame([]), None)
+    preds = length_predictions(items)
     if items["kind"][0] == "pairwise":
+        return _pairwise(items, preds, bootstrap, seed)
+    return _absolute(items, preds, bootstrap, seed)
+
+
+def length_predictions(items: pl.DataFrame) -> pl.DataFrame:
+    """The length baseline's `predictions` (item_id, side, pred, failures, samples) for `items` (one dataset):
+    absolute, the rank of the response's length among these items mapped onto 1-5 (so it depends on the item
+    set); pairwise, each side's length (the longer response wins)."""
+    if items.height and items["kind"][0] == "pairwise":
         preds = pl.concat([items.select("item_id", side=pl.lit("a"), pred=response_length(items["response"])),
                            items.select("item_id", side=pl.lit("b"), pred=response_length(items["response_b"]))])
-        return _pairwise(items, preds.with_columns(failures=pl.lit(0), samples=pl.lit(1)), bootstrap, seed)
+        return preds.with_columns(failures=pl.lit(0), samples=pl.lit(1))
     scores = length_baseline_scores(response_length(items["response"]).to_list())
-    preds = items.select("item_id", side=pl.lit("a"), pred=pl.Series(scores, dtype=pl.Float64))
-    return _absolute(items, preds, bootstrap, seed)
+    return items.select("item_id", side=pl.lit("a"), pred=pl.Series(scores, dtype=pl.Float64))
 
 
 def confusion_breakdown(confusion: list[list[int]]) -> pl.DataFrame:
@@ -307,6 +336,12 @@ def confusion_breakdown(confusion: list[list[int]]) -> pl.DataFrame:
 
 
 # ------------------------------------------------------------------ groups
+
+
+def item_sections(rows: pl.DataFrame) -> list[str]:
+    """Each row's section as the pairwise breakdown groups it (meta "section", else "subset", else "(none)");
+    rows: item_id, criteria, meta (e.g. from `pairwise_rows`)."""
+    return _groups(rows, ("section",))["section"]
 
 
 def _meta(item_id: int, raw: str | None) -> dict:

@@ -141,8 +141,9 @@ def create_run(ws: Workspace, cfg: RunConfig, run_id: str | None = None, kind: s
     for name in [cfg.train_dataset, *cfg.eval_datasets, sft.dataset if sft else None]:
         if name:
             store.dataset_kind(name)  # raises naming the missing dataset
-    if cfg.train_dataset and store.dataset_kind(cfg.train_dataset) != "absolute":
-        raise StoreError(f"train_dataset {cfg.train_dataset!r} must hold absolute (gold-scored) items")
+    if cfg.train_dataset and store.dataset_kind(cfg.train_dataset) != "absolute" and cfg.training.method != "grpo":
+        raise StoreError(f"train_dataset {cfg.train_dataset!r} must hold absolute (gold-scored) items (training."
+                         "method grpo also trains on pairwise items: verdict and consistency rewards)")
     if sft and store.dataset_kind(sft.dataset) != "absolute":
         raise StoreError(f"sft.dataset {sft.dataset!r} must hold absolute items with gold feedback")
     if cfg.model != EMBEDDED:
@@ -335,6 +336,8 @@ class Runner:
     def _stage_has_work(self, stage: str, k: int) -> bool:
         if stage == "evaluate" and k == 0 and not self.cfg.evaluate_initial:
             return False  # marked skipped in this process; nothing to load
+        if stage in ("sample", "curate") and self.cfg.training.method == "grpo":
+            return False  # skipped in this process: the GRPO trainer samples its own rollouts
         if stage == "curate" and self.cfg.curation.strategy != "meta":
             return False  # no judge involved: in this process
         try:
@@ -392,6 +395,10 @@ class Runner:
             what = "seed SFT" if iteration == 0 else f"iteration {iteration}"
             raise StoreError(f"{what} of {self.run_id} has no trained checkpoint yet")
         return row["checkpoint"]
+
+    def reference_of(self, k: int) -> str:
+        """Iteration k's DPO reference model: the initial judge, or the policy it trains (k - 1's judge)."""
+        return self.initial_model() if self.cfg.training.reference == "initial" else self.model_of(k - 1)
 
     def sampler(self, model_path: str) -> Sampler:
         if model_path not in self._samplers:
@@ -508,6 +515,9 @@ class Runner:
     def sample(self, k: int) -> None:
         if k < 1:
             raise StoreError("sampling happens in iterations 1..K (iteration 0 is the seed evaluation)")
+        if self.cfg.training.method == "grpo":
+            self._skip_for_grpo(k, "sample")
+            return
         if not self._stage(k, "sample"):
             return
         model = self.model_of(k - 1)
@@ -517,8 +527,12 @@ class Runner:
             s = self.cfg.sampling
             items = self.train_items(k)
             requests = [JudgeRequest(it["item_id"], "a", absolute_messages(it)) for it in items.iter_rows(named=True)]
+            # Judgments drawn by the DPO reference carry their reference log-probs: no reference pass in training.
+            t = self.cfg.training
+            scored = t.precompute_ref_log_probs and self.reference_of(k) == model
             params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                                    repetition_penalty=s.repetition_penalty, force_score=bool(s.force_score))
+                                    repetition_penalty=s.repetition_penalty, force_score=bool(s.force_score),
+                                    score_completion=scored)
             written = sample_and_store(
                 self.store, self.sampler(model), requests, run_id=self.run_id, iteration=k, purpose="train",
                 n=s.n, params=params, base_seed=s.seed + 1000 * k, batch_size=s.batch_size,
@@ -529,6 +543,8 @@ class Runner:
         self._guarded(k, "sample", work)
 
     def curate(self, k: int) -> dict:
+        if self.cfg.training.method == "grpo":
+            return self._skip_for_grpo(k, "curate")
         if not self._stage(k, "curate"):
             return self.store.iteration(self.run_id, k)["curate_report"] or {}
 
@@ -565,12 +581,13 @@ class Runner:
     def train(self, k: int) -> dict:
         if not self._stage(k, "train"):
             return self.store.iteration(self.run_id, k)["train_metrics"] or {}
+        if self.cfg.training.method == "grpo":
+            return self._guarded(k, "train", lambda: self._train_grpo(k))
 
         def work():
             from engine.training import checkpoint_precision, train_dpo  # heavy (TRL): imported only when training
 
-            policy = self.model_of(k - 1)
-            reference = self.initial_model() if self.cfg.training.reference == "initial" else policy
+            policy, reference = self.model_of(k - 1), self.reference_of(k)
             rows = self.store.training_pairs(self.run_id, k)
             if rows.height == 0:
                 # Nothing to learn from: the judge carries over unchanged, and the log says so.
@@ -583,7 +600,12 @@ class Runner:
                 chosen = row["chosen_text"]
                 if row["status"] == "edited":
                     chosen = format_judgment(row["edited_rationale"], row["edited_score"])
-                pairs.append({"prompt": absolute_messages(row), "chosen": chosen, "rejected": row["rejected_text"]})
+                pairs.append({"prompt": absolute_messages(row), "chosen": chosen, "rejected": row["rejected_text"],
+                              # stored at sampling: valid for an unedited judgment that the reference drew
+                              "ref_chosen_logps": row["chosen_ref_logp"] if row["status"] != "edited"
+                              and row["chosen_model"] == reference else None,
+                              "ref_rejected_logps": row["rejected_ref_logp"]
+                              if row["rejected_model"] == reference else None})
             out_dir = self.run_dir / "checkpoints" / f"iter-{k}"
             self.log(f"[iter {k}] train: DPO on {len(pairs)} pairs (policy {policy}, reference {reference})")
             self._samplers.clear()  # free the sampler's model before training
@@ -597,6 +619,61 @@ class Runner:
                                  precision=checkpoint_precision(out_dir))
             return metrics
         return self._guarded(k, "train", work)
+
+    # -------------------------------------------------------------- GRPO (training.method: grpo)
+
+    GRPO_SKIP = {"sample": "GRPO samples its own rollouts while it trains (purpose rollout), so nothing is "
+                           "sampled beforehand",
+                 "curate": "GRPO learns from rewarded rollouts, not from curated preference pairs: no curation"}
+
+    def _skip_for_grpo(self, k: int, stage: str) -> dict:
+        """Mark iteration k's sample or curate stage skipped under method grpo (the curate report says why)."""
+        report = ({"method": "grpo", "strategy": "none (grpo)", "pairs": 0, "reason": self.GRPO_SKIP[stage]}
+                  if stage == "curate" else None)
+        self.store.ensure_iteration(self.run_id, k, sampler_model=self.model_of(k - 1))
+        if self.store.iteration(self.run_id, k)[f"{stage}_status"] != "skipped":
+            self.store.set_stage(self.run_id, k, stage, "skipped", report=report)
+            self.log(f"[iter {k}] {stage}: skipped (training.method grpo: {self.GRPO_SKIP[stage]})")
+        return report or {}
+
+    def _train_grpo(self, k: int) -> dict:
+        """Iteration k's checkpoint by GRPO from k-1's judge on the iteration's train items; the rollouts are
+        stored as judgments (purpose rollout, with reward, step and group) as each step scores them. A train
+        stage killed half-way starts again from scratch: its rollouts are dropped first (`on_start`), so the
+        stored ones are those of the attempt that made the checkpoint (their ids are deterministic as well)."""
+        from engine.devices import resolve_device
+        from engine.grpo import ROLLOUT, rollout_judgments, train_grpo  # heavy (TRL): imported only when training
+        from engine.precision import resolve_precision
+        from engine.training import checkpoint_precision
+
+        t = self.cfg.training
+        policy = self.model_of(k - 1)
+        self.store.ensure_iteration(self.run_id, k, sampler_model=policy)
+        items = self.train_items(k)
+        out_dir = self.run_dir / "checkpoints" / f"iter-{k}"
+        self.log(f"[iter {k}] train: GRPO on {items.height} items (policy {policy}; {t.grpo.num_generations} "
+                 f"rollouts per prompt, {t.grpo.prompts_per_step} prompts per step)")
+        self._samplers.clear()  # free the sampler's model before training
+
+        def on_start() -> None:
+            dropped = self.store.delete_judgments(self.run_id, k, ROLLOUT)
+            if dropped:
+                self.log(f"[iter {k}] train: dropped {dropped} rollouts of an interrupted attempt")
+
+        # what the rollouts are generated in: the training precision (train_grpo resolves it the same way)
+        precision = resolve_precision(t.precision, resolve_device(self.cfg.sampling.device))
+
+        def on_rollouts(rollouts) -> None:
+            self.store.insert_judgments(rollout_judgments(rollouts, run_id=self.run_id, iteration=k, model=policy,
+                                                          cfg=t, precision=precision))
+
+        metrics = train_grpo(policy_path=policy, items=items, cfg=t, out_dir=out_dir, device=self.cfg.sampling.device,
+                             log=self.log, progress=lambda d, n: self.log.progress(k, "train", d, n, echo=False),
+                             on_rollouts=on_rollouts, on_start=on_start, tb_dir=self.run_dir / "tb" / out_dir.name)
+        self.store.set_stage(self.run_id, k, "train", "done", checkpoint=str(out_dir), report=metrics,
+                             precision=checkpoint_precision(out_dir))
+        self.log(f"[iter {k}] train: GRPO done ({int(metrics.get('train/rollouts', 0))} rollouts)")
+        return metrics
 
     def evaluate(self, k: int) -> dict:
         if k == 0:

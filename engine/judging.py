@@ -82,6 +82,7 @@ def sample_and_store(
                         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
                         "latency_s": s.latency_s if s.latency_s is not None else elapsed / max(1, len(batch)),
                         "verdict": s.verdict, "precision": getattr(sampler, "precision", None),
+                        "ref_logp": s.ref_logp, "ref_tokens": s.ref_tokens,
                     })
             written += store.insert_judgments(rows)
             done += len(batch)

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Protocol
 
 import torch
@@ -60,6 +62,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM semantics over prompt + generated tokens; 1.0 = off
     force_score: bool = False  # close a rationale that lacks a valid score with " [RESULT] k"
     mode: Literal["absolute", "relative"] = "absolute"  # relative: the result is a verdict "A"/"B", not 1-5
+    # Also score each judgment as the DPO trainer will see it (Sample.ref_logp): training then needs no
+    # reference pass when the sampling model is the DPO reference (`training.reference: previous`).
+    score_completion: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("absolute", "relative"):
@@ -89,6 +94,12 @@ class Sample:
     latency_s: float  # this sample's share of its batch's wall time
     seed: int
     verdict: str | None = None  # relative mode: "A"/"B" as for `score` (parsed, else forced); None in absolute
+    # With params.score_completion: log P(completion | prompt) under the model's unmodified distribution (no
+    # temperature, top-p or repetition penalty; forced tokens included), summed over the completion tokens as
+    # the DPO trainer tokenizes `text` (chat template, end-of-turn tail included); ref_tokens: how many. None
+    # where the backend cannot score or the template does not re-tokenize to the same context.
+    ref_logp: float | None = None
+    ref_tokens: int | None = None
 
 
 class Sampler(Protocol):
@@ -208,6 +219,18 @@ def stop_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
     return frozenset(i for i in ids if i is not None)
 
 
+def completion_ids(tokenizer, messages: list[dict], prompt_ids: Sequence[int], text: str) -> list[int] | None:
+    """The tokens TRL's DPO trainer trains on for `text` as the assistant's answer to `messages`: the chat
+    template of the whole conversation after the templated prompt (so the end-of-turn tail, e.g. ChatML's
+    "<|im_end|>\n", is included). None when the conversation does not start with `prompt_ids`, the context
+    the judgment was sampled in (a template that renders the prompt differently alone)."""
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=True,
+                                         return_dict=True)["input_ids"]
+    full = list(full[0] if full and isinstance(full[0], list) else full)
+    n = len(prompt_ids)
+    return full[n:] if full[:n] == list(prompt_ids) and len(full) > n else None
+
+
 def ends_with_marker(tokenizer, tokens: Sequence[int], st: ScoreTokens, token_text=None) -> bool:
     """Whether the decoded `tokens` end with the result marker, i.e. the next position is the score position.
     `token_text(id)` (optional, e.g. a cache) decodes one token for the cheap pre-check."""
@@ -296,7 +319,7 @@ def _select_tokens(
 
 # ------------------------------------------------------------------------------------------- row state
 
-FREE, PROBE, DONE = "free", "probe", "done"
+FREE, PROBE, TAIL, DONE = "free", "probe", "tail", "done"
 
 
 @dataclass
@@ -315,6 +338,13 @@ class _Row:
     free_score_token: int | None = None  # the score digit the row wrote itself after the marker
     forced_score: int | str | None = None  # a score 1..5, or a verdict "A"/"B" in relative mode
     judgment: Judgment | None = None  # parse of the free text, set when free generation ends
+    # params.score_completion: the completion as the DPO trainer tokenizes it (`target`, from `complete`),
+    # the tokens fed after the prompt (`fed`), and log P of target[i] given the tokens before it (`lps`).
+    complete: Callable[[str], list[int] | None] | None = None
+    fed: list[int] = field(default_factory=list)
+    lps: list[float] = field(default_factory=list)
+    target: list[int] | None = None
+    ref_logp: float | None = None
 
 
 # ---------------------------------------------------------------------------------------- transformers
@@ -406,11 +436,18 @@ class ChatJudge:
             return []
         t0 = time.perf_counter()
         st = self.result_tokens(params.mode)
-        return self._judge([self.encode_prompt(m) for m in prompts], n, params, st, seeds, progress, t0)
+        prompt_ids = [self.encode_prompt(m) for m in prompts]
+        completes = None
+        if params.score_completion:
+            completes = [partial(completion_ids, self.tokenizer, m, p) for m, p in zip(prompts, prompt_ids)]
+        return self._judge(prompt_ids, n, params, st, seeds, progress, t0, completes=completes)
 
     def _judge(self, prompt_ids: list[list[int]], n: int, params: SamplingParams, st: ScoreTokens,
-               seeds: Sequence[Sequence[int]], progress: bool, t0: float) -> list[list[Sample]]:
-        """[prompt][sample] judgments of already-encoded prompts (t0: when `generate` began, for latency)."""
+               seeds: Sequence[Sequence[int]], progress: bool, t0: float,
+               completes: Sequence[Callable[[str], list[int] | None]] | None = None) -> list[list[Sample]]:
+        """[prompt][sample] judgments of already-encoded prompts (t0: when `generate` began, for latency).
+        `completes[i](text)`: the completion ids of prompt i as the DPO trainer tokenizes `text` (with
+        params.score_completion; a backend that cannot score leaves Sample.ref_logp None)."""
         raise NotImplementedError
 
 
@@ -452,9 +489,10 @@ class TransformersSampler(ChatJudge):
         return stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
 
     def _judge(self, prompt_ids: list[list[int]], n: int, params: SamplingParams, st: ScoreTokens,
-               seeds: Sequence[Sequence[int]], progress: bool, t0: float) -> list[list[Sample]]:
+               seeds: Sequence[Sequence[int]], progress: bool, t0: float,
+               completes: Sequence[Callable[[str], list[int] | None]] | None = None) -> list[list[Sample]]:
         flat_seeds = [int(s) for per_prompt in seeds for s in per_prompt]
-        rows = self._decode(prompt_ids, n, params, st, flat_seeds, progress)
+        rows = self._decode(prompt_ids, n, params, st, flat_seeds, progress, completes)
         share = (time.perf_counter() - t0) / len(rows)
         return [
             [self._to_sample(rows[i * n + j], params, st, len(prompt_ids[i]), share) for j in range(n)]
@@ -466,17 +504,19 @@ class TransformersSampler(ChatJudge):
     @torch.inference_mode()
     def _decode(
         self, prompt_ids: list[list[int]], n: int, params: SamplingParams, st: ScoreTokens, seeds: list[int],
-        progress: bool,
+        progress: bool, completes: Sequence[Callable[[str], list[int] | None]] | None = None,
     ) -> list[_Row]:
         # st: the result marker and label tokens of params.mode, used by every row's state machine
         dev = self.device
-        rows = [_Row(seed=s, generator=torch.Generator(device=dev).manual_seed(s)) for s in seeds]
+        rows = [_Row(seed=s, generator=torch.Generator(device=dev).manual_seed(s),
+                     complete=completes[r // n] if completes else None) for r, s in enumerate(seeds)]
 
         # Prefill: B left-padded prompts, one forward; only the last position's logits are needed.
         ids, mask = self._left_pad(prompt_ids)  # [B, L] each
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: real tokens at 0..len-1
         # room for the prompt, the free tokens, and a probed " [RESULT] k"
-        capacity = ids.shape[1] + params.max_new_tokens + len(st.marker_ids) + 2
+        # (+ the end-of-turn tail the completion is scored with; the cache grows if a template needs more)
+        capacity = ids.shape[1] + params.max_new_tokens + len(st.marker_ids) + 4
         cache = _preallocated_cache(self.model.config, capacity)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                          logits_to_keep=1, **{self._cache_kw: cache})
@@ -528,6 +568,8 @@ class TransformersSampler(ChatJudge):
         """One step of every row's state machine, given its next-token logits; returns the tokens to feed."""
         # logits: [R, V]; rows[k] is batch position k
         score_ids = torch.tensor(st.score_ids, device=logits.device)
+        # the unmodified distribution the completion is scored under (params.score_completion)
+        logp = logits.log_softmax(-1) if params.score_completion else None
         free = [k for k, row in enumerate(rows) if row.state == FREE]
         sampled = None
         if free:
@@ -541,35 +583,66 @@ class TransformersSampler(ChatJudge):
 
         feed = [self.pad_id] * len(rows)
         for k, row in enumerate(rows):
-            recorded_now = False
-            if row.at_score:  # these logits are the score position: record P(1..5) (relative: P(A), P(B))
-                row.score_probs = logits[k, score_ids].float().softmax(-1).tolist()
-                row.at_score = False
-                recorded_now = True
-            if row.state == PROBE:
-                if recorded_now:  # the probe is complete
-                    self._close_probe(row, params)
-                else:
-                    feed[k] = row.queue.pop(0)
-                    row.at_score = not row.queue
+            if row.state == TAIL:
+                feed[k] = self._tail_step(row, logp[k])
                 continue
-            if row.state != FREE:
-                continue
-            tok = chosen[k]
-            if tok in self.stop_ids:
-                feed[k] = self._end_free(row, params, st, pending=None, at_score_now=recorded_now)
-                continue
-            row.tokens.append(tok)
-            if recorded_now and tok in st.score_ids:  # the row wrote its own score: complete
-                row.free_score_token = tok
-                feed[k] = self._end_free(row, params, st, pending=None, at_score_now=True)
-            elif len(row.tokens) >= params.max_new_tokens:
-                row.hit_budget = True
-                feed[k] = self._end_free(row, params, st, pending=tok, at_score_now=False)
-            else:
-                feed[k] = tok
-                row.at_score = self._ends_with_marker(row.tokens, st)
+            feed[k] = self._step(row, logits[k], score_ids, chosen.get(k), params, st)
+            if logp is not None:
+                feed[k] = self._score(row, logp[k], feed[k], params, st)
         return torch.tensor(feed, device=logits.device)
+
+    def _step(self, row: _Row, logits_k: torch.Tensor, score_ids: torch.Tensor, tok: int | None,
+              params: SamplingParams, st: ScoreTokens) -> int:
+        """One row's state machine for one step (`tok`: the token drawn for a FREE row); returns what to feed."""
+        recorded_now = False
+        if row.at_score:  # these logits are the score position: record P(1..5) (relative: P(A), P(B))
+            row.score_probs = logits_k[score_ids].float().softmax(-1).tolist()
+            row.at_score = False
+            recorded_now = True
+        if row.state == PROBE:
+            if recorded_now:  # the probe is complete
+                self._close_probe(row, params)
+                return self.pad_id
+            row.at_score = len(row.queue) == 1
+            return row.queue.pop(0)
+        if row.state != FREE:
+            return self.pad_id
+        if tok in self.stop_ids:
+            return self._end_free(row, params, st, pending=None, at_score_now=recorded_now)
+        row.tokens.append(tok)
+        if recorded_now and tok in st.score_ids:  # the row wrote its own score: complete
+            row.free_score_token = tok
+            return self._end_free(row, params, st, pending=None, at_score_now=True)
+        if len(row.tokens) >= params.max_new_tokens:
+            row.hit_budget = True
+            return self._end_free(row, params, st, pending=tok, at_score_now=False)
+        row.at_score = self._ends_with_marker(row.tokens, st)
+        return tok
+
+    def _score(self, row: _Row, logp_k: torch.Tensor, tok: int, params: SamplingParams, st: ScoreTokens) -> int:
+        """What params.score_completion adds to a step: the log-prob of the token fed, and once the judgment
+        is final, its remaining completion tokens (a score not fed, the end-of-turn tail) fed and scored."""
+        if row.state in (FREE, PROBE):  # a token of the judgment is fed now: its log-prob is at hand
+            row.fed.append(tok)
+            row.lps.append(float(logp_k[tok]))
+        elif row.state == DONE and row.complete is not None:
+            target = row.complete(sample_from_row(row, params, st, 0, 0.0).text)
+            row.complete = None
+            if target is not None and len(target) > len(row.fed) and target[:len(row.fed)] == row.fed:
+                row.target = target
+                return self._tail_step(row, logp_k)
+        return tok
+
+    def _tail_step(self, row: _Row, logp_k: torch.Tensor) -> int:
+        """Score target[len(lps)] with this step's logits; feed it unless it was the last token."""
+        j = len(row.lps)
+        row.lps.append(float(logp_k[row.target[j]]))
+        if len(row.lps) == len(row.target):
+            row.state, row.ref_logp = DONE, math.fsum(row.lps)
+            return self.pad_id
+        row.state = TAIL
+        row.fed.append(row.target[j])
+        return row.target[j]
 
     def _end_free(
         self, row: _Row, params: SamplingParams, st: ScoreTokens, pending: int | None, at_score_now: bool
@@ -669,6 +742,8 @@ def sample_from_row(row: _Row, params: SamplingParams, st: ScoreTokens, prompt_t
         latency_s=latency_s,
         seed=row.seed,
         verdict=verdict,
+        ref_logp=row.ref_logp,
+        ref_tokens=len(row.target) if row.ref_logp is not None else None,
     )
 
 

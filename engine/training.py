@@ -146,9 +146,12 @@ def _sft_dataset(examples: Sequence[Mapping]) -> "datasets.Dataset":
 
 def dpo_examples(pairs: Iterable[Mapping]) -> "datasets.Dataset":
     """Pairs -> TRL's conversational preference format: `prompt` is the chat (system + user), `chosen` and
-    `rejected` are one assistant message each."""
+    `rejected` are one assistant message each. Pairs may carry `ref_chosen_logps` / `ref_rejected_logps`
+    (stored at sampling, None where not): they become the columns `StoredReferenceDPO` reads."""
     import datasets
 
+    pairs = list(pairs)
+    with_ref = any(REF_COLUMNS[0] in p for p in pairs)
     rows = []
     for i, p in enumerate(pairs):
         missing = {"prompt", "chosen", "rejected"} - set(p)
@@ -163,7 +166,81 @@ def dpo_examples(pairs: Iterable[Mapping]) -> "datasets.Dataset":
                 "rejected": [{"role": "assistant", "content": p["rejected"]}],
             }
         )
-    return datasets.Dataset.from_list(rows)
+        if with_ref:
+            rows[-1].update({c: _finite_or_none(p.get(c)) for c in REF_COLUMNS})
+    features = None
+    if with_ref:  # float columns even when every value is missing (from_list would infer `null`)
+        features = datasets.Dataset.from_list(rows[:1]).features.copy()
+        features.update({c: datasets.Value("float64") for c in REF_COLUMNS})
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _finite_or_none(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def with_reference_logps(dataset: "datasets.Dataset", compute: Callable[["datasets.Dataset"], "datasets.Dataset"],
+                         max_length: int | None) -> tuple["datasets.Dataset", int]:
+    """The tokenized DPO dataset with both reference log-prob columns: the values stored at sampling where
+    they are usable, `compute(subset)` (TRL's batched no-grad pass) for the rest. A stored value is usable
+    when both sides have one and no side is cut by `max_length` (the stored sum covers the whole completion).
+    Returns (dataset, how many pairs used stored values)."""
+    if REF_COLUMNS[0] not in dataset.column_names:
+        return compute(dataset), 0
+    stored = {c: list(dataset[c]) for c in REF_COLUMNS}
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in
+               zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+    missing = [i for i in range(len(dataset))
+               if any(stored[c][i] is None for c in REF_COLUMNS) or (max_length and lengths[i] > max_length)]
+    base = dataset.remove_columns(list(REF_COLUMNS))
+    if missing:
+        computed = compute(base.select(missing))
+        for c in REF_COLUMNS:
+            for j, i in enumerate(missing):
+                stored[c][i] = float(computed[c][j])
+    for c in REF_COLUMNS:
+        base = base.add_column(c, stored[c])
+    return base, len(dataset) - len(missing)
+
+
+def _stored_reference_dpo():
+    """TRL's DPOTrainer, taking the reference log-probs the sampler stored with each judgment (`training.
+    reference: previous`: the model that drew the judgments is the reference), and computing only the rest
+    in one batched no-grad pass; `precompute_ref_log_probs` must be on. `_precompute_ref_logps` is TRL 1.16's
+    one hook for both: it computes every pair, and passes its result between ranks through a cache file
+    of the dataset, which an in-memory dataset keeps in each process's own temp dir (a DDP launch fails).
+    Here every rank computes its shard and `gather_for_metrics` gives each rank all of them, in order."""
+    import torch
+    from torch.utils.data import DataLoader
+    from trl import DPOTrainer
+
+    class StoredReferenceDPO(DPOTrainer):
+        stored_reference_pairs = 0
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            dataset, self.stored_reference_pairs = with_reference_logps(
+                dataset, lambda sub: self._reference_pass(sub, batch_size), self.args.max_length)
+            return dataset
+
+        @torch.no_grad()
+        def _reference_pass(self, dataset, batch_size):
+            if self.ref_model is None and self.is_deepspeed_enabled:  # ZeRO: TRL's own pass wraps the model
+                return super()._precompute_ref_logps(dataset, "train", batch_size)
+            loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                         collate_fn=self.data_collator, num_workers=0))
+            model = self.ref_model or self.model
+            chosen, rejected = [], []
+            for batch in loader:
+                c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
+            return (dataset.add_column(REF_COLUMNS[0], torch.cat(chosen).tolist())
+                    .add_column(REF_COLUMNS[1], torch.cat(rejected).tolist()))
+
+    return StoredReferenceDPO
 
 
 def token_logprobs(
@@ -714,7 +791,7 @@ def train_dpo(
                                tb_dir=tb_dir, work_dir=work_dir, report_to=cfg.report_to, log=say, progress=progress)
 
     from transformers import AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     dev = launched.device if launched else resolve_device(device)
     use_device(dev)
@@ -736,13 +813,17 @@ def train_dpo(
             f"reference={reference_path if separate_ref else 'policy copy'}, device={dev}, precision={precision}, "
             f"lora={cfg.lora}, loss={'+'.join(loss_terms['loss_type'])} weights={loss_terms['loss_weights']}"
             + (f", quantization={cfg.quantization}" if cfg.quantization else "")
-            + (", precomputed reference log-probs" if cfg.precompute_ref_log_probs else "")
+            + (", reference log-probs once before training" if cfg.precompute_ref_log_probs else "")
             + (f", {launched.strategy} x {launched.num_processes} processes" if launched else "")
         )
-        trainer = _trainer(DPOTrainer, cfg, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
-                           say=say, progress=progress, launched=launched, ref_model=ref_model,
+        trainer = _trainer(_stored_reference_dpo(), cfg, model=model, args=args, dataset=dataset,
+                           tokenizer=tokenizer, say=say, progress=progress, launched=launched, ref_model=ref_model,
                            tb_dir=tb_dir or out_dir.parent / f"{out_dir.name}.tb", line=lambda logs: (
                                f"loss={logs['loss']:.4f} margin={logs.get('rewards/margins', math.nan):.4f}"))
+        if cfg.precompute_ref_log_probs:
+            trainer.ref_model = ref_model = None  # its log-probs are in the dataset now: free its memory
+            say(f"reference log-probs: {trainer.stored_reference_pairs} of {len(pairs)} pairs stored at "
+                "sampling, the rest computed before training")
         history, steps, runtime_s = _train(trainer)
         metrics = _summarize(history, steps, runtime_s)
         record = {

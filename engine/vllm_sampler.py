@@ -167,7 +167,10 @@ class VLLMSampler(ChatJudge):
     # ------------------------------------------------------------------ public: ChatJudge.generate
 
     def _judge(self, prompt_ids: list[list[int]], n: int, params: SamplingParams, st: ScoreTokens,
-               seeds: Sequence[Sequence[int]], progress: bool, t0: float) -> list[list[Sample]]:
+               seeds: Sequence[Sequence[int]], progress: bool, t0: float,
+               completes=None) -> list[list[Sample]]:
+        # `completes` (params.score_completion) is not used: vLLM judgments carry no reference log-probs, so
+        # DPO computes them in one batched pass before training.
         from vllm import TokensPrompt
 
         keys = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]

@@ -474,6 +474,52 @@ def evaluate(
             _print_metrics(name, values, indent="")
 
 
+@app.command()
+@cli_command
+def compare(
+    ctx: typer.Context,
+    first: Annotated[str, typer.Argument(help="Judge A: RUN:K (iteration K's greedy evaluation) or RUN:K:METHOD "
+                                              "(expected, raw, self-consistency-mean, self-consistency-majority, "
+                                              "best-of-n, relative, length-baseline), e.g. r1:0:best-of-n.")],
+    second: Annotated[str, typer.Argument(help="Judge B, the same way; deltas are B - A.")],
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Dataset both judged (default: the one dataset both judged; an error names them when several).")
+    ] = None,
+    metric: Annotated[Optional[list[str]], typer.Option(
+        help="Only these figures (repeatable): pearson, spearman, kendall, exact, within1, partial_pearson "
+             "(absolute data); accuracy, section_mean_accuracy (pairwise). Default: all.")] = None,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Paired bootstrap resamples (0 = no interval, no p).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed (same seed, same intervals).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help=(
+        'Print one strict-JSON object: {"a", "b", "dataset", "kind", "items", "only_a", "only_b", "bootstrap", '
+        '"seed", "metrics": {METRIC: {"a", "b", "delta", "lo", "hi", "p", "n"}}}, NaN as null.'))] = False,
+) -> None:
+    """Paired comparison of two judges on the items both judged: each figure for A and B, B - A with a 95%
+    paired-bootstrap interval (items resampled, both judges at the same indices) and a two-sided p.
+
+    In the table, * marks a difference whose interval excludes 0. docs/evaluation.md, "Paired comparisons"."""
+    from engine.compare import compare_judges, significant
+
+    res = compare_judges(_ws(ctx).store(), first, second, dataset, metrics=metric, bootstrap=bootstrap, seed=seed)
+    if as_json:
+        typer.echo(_strict_json(res))
+        return
+    left_out = f"; left out, judged by one only: {res['a']} {res['only_a']}, {res['b']} {res['only_b']}" \
+        if res["only_a"] or res["only_b"] else ""
+    typer.echo(f"{res['dataset']} ({res['kind']}): A = {res['a']}, B = {res['b']}; {res['items']} items judged by"
+               f" both{left_out}; {res['bootstrap']} paired resamples, seed {res['seed']}")
+    typer.echo(f"  {'metric':<22} {'A':>7} {'B':>7} {'B-A':>7}  {'95% CI':<18}   {'p':>6} {'n':>5}")
+    for name, f in res["metrics"].items():
+        ci = f"[{_signed(f['lo'])}, {_signed(f['hi'])}]" if f["lo"] == f["lo"] else "-"
+        typer.echo(f"  {name:<22} {_fmt(f['a']):>7} {_fmt(f['b']):>7} {_signed(f['delta']):>7}  {ci:<18}"
+                   f" {'*' if significant(f) else ' '} {_fmt(f['p']):>6} {f['n']:>5}")
+    typer.echo("  * the 95% interval of B - A excludes 0")
+
+
+def _signed(v) -> str:
+    return "nan" if v is None or v != v else f"{v:+.3f}"
+
+
 @app.command("single-stage")
 @cli_command
 def single_stage(

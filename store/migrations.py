@@ -227,12 +227,22 @@ ALTER TABLE judgments ADD COLUMN ref_logp DOUBLE;
 ALTER TABLE judgments ADD COLUMN ref_tokens INTEGER;
 """
 
+# GRPO rollouts (purpose 'rollout'): the reward the trainer gave the judgment, the optimizer step it was
+# generated for (1-based) and its prompt's generation group within that step (0-based); NULL for every other
+# purpose.
+M006_ROLLOUTS = """
+ALTER TABLE judgments ADD COLUMN reward DOUBLE;
+ALTER TABLE judgments ADD COLUMN step INTEGER;
+ALTER TABLE judgments ADD COLUMN group_index INTEGER;
+"""
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "core", M001_CORE),
     (2, "method", M002_METHOD),
     (3, "imports", M003_IMPORTS),
     (4, "precision", M004_PRECISION),
     (5, "ref_logp", M005_REF_LOGP),
+    (6, "rollouts", M006_ROLLOUTS),
 ]
 
 LATEST = MIGRATIONS[-1][0]

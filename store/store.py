@@ -34,7 +34,7 @@ JUDGMENT_COLUMNS = [
     "judgment_id", "run_id", "iteration", "purpose", "item_id", "side", "sample_index", "model",
     "temperature", "top_p", "max_new_tokens", "seed", "raw_text", "text", "rationale", "score",
     "parse_status", "forced", "p1", "p2", "p3", "p4", "p5", "prompt_tokens", "completion_tokens",
-    "latency_s", "verdict", "precision", "ref_logp", "ref_tokens",
+    "latency_s", "verdict", "precision", "ref_logp", "ref_tokens", "reward", "step", "group_index",
 ]
 META_RATING_COLUMNS = [
     "judgment_id", "rater_model", "run_id", "iteration", "rating", "text", "parse_status", "forced",
@@ -289,9 +289,11 @@ class Store:
         frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows), infer_schema_length=None)
         if frame.height == 0:
             return 0
-        # absolute judgments have no verdict; fakes no precision and no reference log-probs
+        # absolute judgments have no verdict; fakes no precision and no reference log-probs; only GRPO rollouts
+        # have a reward, step and group
         for optional, dtype in (("verdict", pl.String), ("precision", pl.String), ("ref_logp", pl.Float64),
-                                ("ref_tokens", pl.Int64)):
+                                ("ref_tokens", pl.Int64), ("reward", pl.Float64), ("step", pl.Int64),
+                                ("group_index", pl.Int64)):
             if optional not in frame.columns:
                 frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(optional))
         frame = frame.select(JUDGMENT_COLUMNS)
@@ -303,6 +305,17 @@ class Store:
             n = _first(con.execute(f"INSERT INTO judgments ({cols}) SELECT {cols} FROM new_judgments"
                                    " WHERE judgment_id NOT IN (SELECT judgment_id FROM judgments)"))
             con.unregister("new_judgments")
+        return int(n[0]) if n else 0
+
+    def delete_judgments(self, run_id: str, iteration: int, purpose: str) -> int:
+        """Drop one iteration's judgments of one purpose; returns how many. For GRPO rollouts only (a train
+        stage that starts again from scratch replaces the rollouts of its killed attempt, so the stored ones
+        are those that trained the checkpoint); refused for a purpose that pairs or meta-ratings may point at."""
+        if purpose != "rollout":
+            raise StoreError(f"judgments of purpose {purpose!r} are kept; only rollouts can be dropped")
+        with self._tx() as con:
+            n = _first(con.execute("DELETE FROM judgments WHERE run_id = ? AND iteration = ? AND purpose = ?",
+                                   [run_id, iteration, purpose]))
         return int(n[0]) if n else 0
 
     def save_curation(self, run_id: str, iteration: int, pairs: pl.DataFrame, report: dict) -> int:
@@ -519,6 +532,18 @@ class Store:
             params.append(purpose)
         return self._read(sql + " ORDER BY item_id, side, sample_index", params)
 
+    def rollouts(self, run_id: str, iteration: int | None = None) -> pl.DataFrame:
+        """GRPO rollouts (judgments of purpose 'rollout'), numbers only: judgment_id, iteration, step,
+        group_index, item_id, side, sample_index, reward, score, verdict, parse_status, completion_tokens; in
+        generation order (iteration, step, group, sample)."""
+        sql = ("SELECT judgment_id, iteration, step, group_index, item_id, side, sample_index, reward, score,"
+               " verdict, parse_status, completion_tokens FROM judgments WHERE run_id = ? AND purpose = 'rollout'")
+        params: list[Any] = [run_id]
+        if iteration is not None:
+            sql += " AND iteration = ?"
+            params.append(int(iteration))
+        return self._read(sql + " ORDER BY iteration, step, group_index, sample_index", params)
+
     def curation_inputs(self, run_id: str, iteration: int, dataset: str) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(judgments: judgment_id, item_id, sample_index, score, forced, text_hash, rationale_len of the
         iteration's training samples, in storage order; golds: item_id, gold_score of the dataset's items).
@@ -614,6 +639,16 @@ class Store:
             params.append(purpose)
         return self._read(sql + " ORDER BY j.item_id, j.side, j.sample_index, m.rater_model", params)
 
+    def judged_items(self, run_id: str, iteration: int) -> pl.DataFrame:
+        """dataset, purpose, items, rated: per dataset and judgment purpose of (run, iteration), how many items
+        its judgments cover, and how many of those judgments carry a meta rating (best-of-N needs them)."""
+        return self._read(
+            "SELECT i.dataset, j.purpose, count(DISTINCT j.item_id) AS items, count(DISTINCT m.judgment_id) AS rated"
+            " FROM judgments j JOIN items i ON i.item_id = j.item_id"
+            " LEFT JOIN (SELECT DISTINCT judgment_id FROM meta_ratings) m ON m.judgment_id = j.judgment_id"
+            " WHERE j.run_id = ? AND j.iteration = ? GROUP BY ALL ORDER BY i.dataset, j.purpose",
+            [run_id, int(iteration)])
+
     def breakdowns(self, run_id: str, iteration: int | None = None) -> pl.DataFrame:
         sql, params = "SELECT * FROM evaluation_breakdowns WHERE run_id = ?", [run_id]
         if iteration is not None:
@@ -639,6 +674,9 @@ class Store:
                     "SELECT iteration, purpose, count(*), count(*) FILTER (WHERE parse_status = 'ok')"
                     " FROM judgments WHERE run_id = ? GROUP BY ALL", [run_id]).fetchall()
             }
+            rollout_stats = {it: (steps, reward) for it, steps, reward in con.execute(
+                "SELECT iteration, max(step), avg(reward) FROM judgments WHERE run_id = ? AND purpose = 'rollout'"
+                " GROUP BY iteration", [run_id]).fetchall()}
             sample_precision = dict(con.execute(
                 "SELECT iteration, string_agg(DISTINCT precision, ',' ORDER BY precision) FROM judgments"
                 " WHERE run_id = ? AND precision IS NOT NULL GROUP BY iteration", [run_id]).fetchall())
@@ -669,6 +707,10 @@ class Store:
                 "parsed": sum(parsed for (i, _), (_, parsed) in counts.items() if i == it),
                 "train_judgments": n_train,
                 "eval_judgments": n_eval,
+                # GRPO: the rollouts the trainer generated and scored (purpose 'rollout'), its last step, mean reward
+                "rollout_judgments": counts.get((it, "rollout"), (0, 0))[0],
+                "rollout_steps": rollout_stats.get(it, (None, None))[0],
+                "rollout_reward": rollout_stats.get(it, (None, None))[1],
                 "judgments_by_purpose": by_purpose,
                 "pairs": {s: pair_counts.get(it, {}).get(s, 0) for s in PAIR_STATUSES},
                 "checkpoint": ckpt,

@@ -188,7 +188,7 @@ def test_distributed_defaults_and_absent_means_one_process():
     assert TrainingConfig().distributed is None
     d = TrainingConfig(distributed={}).distributed
     assert (d.num_processes, d.strategy, d.mixed_precision) == (2, "ddp", None)
-    assert TrainingConfig().report_to == ["none"] and TrainingConfig().precompute_ref_log_probs is False
+    assert TrainingConfig().report_to == ["none"] and TrainingConfig().precompute_ref_log_probs is True
 
 
 def test_qlora_is_short_for_lora_with_4bit():
@@ -501,7 +501,8 @@ def test_precompute_ref_log_probs_reaches_trl(tiny_model_dir, tmp_path, monkeypa
                         cfg=TrainingConfig(precompute_ref_log_probs=True, batch_size=2, max_length=64), device="cpu",
                         log=lines.append)
     assert seen == [True] and metrics["train/steps"] == 1
-    assert any("precomputed reference log-probs" in line for line in lines)
+    assert any("reference log-probs once before training" in line for line in lines)
+    assert "reference log-probs: 0 of 2 pairs stored at sampling, the rest computed before training" in lines
 
 
 def test_qlora_stops_with_a_clear_error_without_a_gpu(tiny_model_dir, tmp_path):

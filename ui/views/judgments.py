@@ -1,5 +1,6 @@
 """Judgments: filter a run's judgments, page through them, open one item with all its sampled judgments
-side by side, and see score histograms per iteration and the gold-vs-sampled confusion matrix."""
+side by side, and see score histograms per iteration and the gold-vs-sampled confusion matrix. A GRPO
+iteration's rollouts (purpose rollout) show their reward, step and group, with the reward per step charted."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
 
-from store import queries
+from store import Store, queries
 from ui import components, state
 
 PAGE_SIZE = 50
@@ -34,7 +35,8 @@ def _choice(value):
 
 with st.container(border=True):
     c = st.columns(5)
-    purpose = _choice(c[0].selectbox("Purpose", [ANY, "train", "eval"], key="j_purpose"))
+    purpose = _choice(c[0].selectbox("Purpose", [ANY, "train", "eval", "rollout"], key="j_purpose",
+                                     help="rollout: the judgments a GRPO train stage generated and rewarded"))
     dataset = _choice(c[1].selectbox("Dataset", [ANY, *state.cached(queries.judgment_datasets, run_id)],
                                      key="j_dataset"))
     gold = _choice(c[2].selectbox("Gold score", [ANY, 1, 2, 3, 4, 5], key="j_gold"))
@@ -59,6 +61,10 @@ pages = max(math.ceil(total / PAGE_SIZE), 1)
 st.session_state["j_page"] = min(st.session_state.get("j_page", 1), pages)
 page = st.number_input("Page", min_value=1, max_value=pages, step=1, key="j_page")
 frame = first_page if page == 1 else state.cached(queries.judgments_page, flt, page - 1, PAGE_SIZE)[0]
+rollouts = state.cached(Store.rollouts, run_id, iteration)
+if purpose == "rollout" and frame.height:  # the rollout's reward, optimizer step and generation group
+    frame = frame.join(rollouts.select("judgment_id", "step", "group_index", "reward"), on="judgment_id",
+                       how="left", maintain_order="left")
 start = (page - 1) * PAGE_SIZE
 st.caption(f"{start + 1 if total else 0}–{start + frame.height} of {total} judgments (page {page} of {pages})")
 st.dataframe(frame, hide_index=True, key="judgments_table",
@@ -119,7 +125,9 @@ else:
                     st.badge("matches gold", icon=":material/check:", color="green")
                 elif j["score"] is not None and gold_int is not None:
                     st.badge(f"off by {abs(j['score'] - gold_int)}", color="orange")
-                st.caption(f"parse: {j['parse_status']}" + (" · forced" if j["forced"] else ""))
+                st.caption(f"parse: {j['parse_status']}" + (" · forced" if j["forced"] else "")
+                           + (f" · reward {j['reward']:.3f} · step {j['step']} · group {j['group_index']}"
+                              if j.get("reward") is not None else ""))
                 st.text(j["rationale"] or j["raw_text"] or "")
 
 # ------------------------------------------------------------------ charts
@@ -147,3 +155,21 @@ if conf.height:
     right.plotly_chart(fig, key="confusion")
 else:
     right.caption("No scored judgments of gold-scored items in this iteration.")
+
+# ------------------------------------------------------------------ GRPO rollouts
+
+if rollouts.height:
+    st.subheader("GRPO rollouts")
+    per_step = (rollouts.filter(pl.col("reward").is_not_null()).group_by("step")
+                .agg(pl.col("reward").mean().alias("mean"), pl.col("reward").min().alias("min"),
+                     pl.col("reward").max().alias("max"), pl.len().alias("rollouts"),
+                     (pl.col("parse_status") == "ok").mean().alias("parsed"))
+                .sort("step"))
+    st.caption(f"Iteration {iteration}: {rollouts.height} rollouts over {per_step.height} steps; each step's "
+               "prompts get a group of completions, rewarded per training.grpo.rewards (the reward the trainer used).")
+    if per_step.height:
+        long = per_step.unpivot(index="step", on=["mean", "min", "max", "parsed"], variable_name="figure")
+        fig = px.line(long, x="step", y="value", color="figure", markers=True,
+                      title=f"Rollout reward per step, iteration {iteration} (parsed: share that parses)")
+        fig.update_xaxes(dtick=1)
+        st.plotly_chart(fig, key="rollout_rewards")
