@@ -390,3 +390,18 @@ def compare_judges(store, a: str | JudgeSpec, b: str | JudgeSpec, dataset: str |
     return {"a": str(a), "b": str(b), "dataset": dataset, "kind": kind, "items": both.height,
             "only_a": ra.height - both.height, "only_b": rb.height - both.height, "bootstrap": int(bootstrap),
             "seed": int(seed), "metrics": {m: figures[m] for m in order}}
+
+
+def paired_rows(result: dict) -> list[dict]:
+    """`compare_judges`'s figures as table rows (the app's paired tables): metric, A, B, B - A, 95% CI (text),
+    p, n, significant ("*" when the interval excludes 0). A figure that cannot be computed is None."""
+    def num(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    rows = []
+    for name, f in result["metrics"].items():
+        lo, hi = num(f["lo"]), num(f["hi"])
+        rows.append({"metric": name, "A": num(f["a"]), "B": num(f["b"]), "B - A": num(f["delta"]),
+                     "95% CI": f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "",
+                     "p": num(f["p"]), "n": f["n"], "significant": "*" if significant(f) else ""})
+    return rows

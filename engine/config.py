@@ -343,9 +343,11 @@ class EvaluationConfig(_Strict):
         description="Pairwise datasets: absolute = score each side, the higher wins; relative = A/B judging in "
         "both orders (disagreement = tie).",
     )
-    baselines: list[Literal["self-consistency", "best-of-n"]] = Field(
+    baselines: list[Literal["self-consistency", "best-of-n", "raw"]] = Field(
         default_factory=list,
-        description="Baselines evaluated on the initial judge (iteration 0), stored as '<method>/<metric>'.",
+        description="Baselines evaluated at iteration 0, stored as '<method>/<metric>': self-consistency and "
+        "best-of-n of the initial judge; raw = `model` before the seed SFT, judged like the initial judge (needs "
+        "`sft:`), so a run shows raw, J_SFT and each iteration side by side.",
     )
     baseline_n: int = Field(5, ge=2, le=64, description="Samples per item for self-consistency and best-of-n.")
     baseline_temperature: float = Field(1.0, gt=0.0, le=2.0)
@@ -455,6 +457,8 @@ class RunConfig(_Strict):
     def _defaults_that_depend_on_model(self) -> "RunConfig":
         if self.iterations > 0 and not self.train_dataset:
             raise ValueError("train_dataset is required when iterations > 0")
+        if "raw" in self.evaluation.baselines and self.sft is None:
+            raise ValueError("evaluation.baselines: raw is the model before the seed SFT, and there is no `sft:`")
         if self.sampling.force_score is None:
             self.sampling.force_score = self.model == "embedded"
         return self

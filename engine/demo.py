@@ -30,18 +30,23 @@ def ensure_demo_dataset(ws: Workspace) -> None:
     import_file(store, demo_data_path(), dataset=DEMO_DATASET)
 
 
-def demo_config(items: int = 32, n: int = 4, max_new_tokens: int = 96) -> dict:
+def demo_config(items: int = 32, n: int = 4, max_new_tokens: int = 96, sft_items: int = 96) -> dict:
+    """The demo run: a seed SFT on the demo's gold rationales (J_SFT), then one iteration, evaluated on the eval
+    split beside the raw model (baseline `raw`). The raw 135M model rarely closes a judgment with
+    "[RESULT] n" itself (every score is forced, and nothing moves); after the SFT it does."""
     return {
         "model": "embedded",
         "train_dataset": DEMO_DATASET,
         "eval_datasets": [DEMO_DATASET],
         "iterations": 1,
         "max_train_items": items,
+        # Gold feedback here is one sentence (~25 tokens): a short, high-rate SFT teaches the format.
+        "sft": {"dataset": DEMO_DATASET, "max_items": sft_items, "epochs": 1, "learning_rate": 1e-4,
+                "batch_size": 8, "max_length": 1024},
         "sampling": {"n": n, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": max_new_tokens, "batch_size": 8},
-        # One pair per item: a DPO step on 4 judge-length pairs costs ~65 s on 2 CPU cores.
         "curation": {"strategy": "gold", "min_margin": 1, "max_pairs_per_item": 1},
         "training": {"beta": 0.1, "learning_rate": 1e-5, "epochs": 1, "batch_size": 4, "max_length": 768},
-        "evaluation": {"n": 1, "temperature": 0.0, "max_new_tokens": 64},
+        "evaluation": {"n": 1, "temperature": 0.0, "max_new_tokens": 64, "baselines": ["raw"]},
     }
 
 
@@ -57,33 +62,52 @@ def prepare_demo(ws: Workspace, echo: Callable[[str], None] = print) -> str:
     return path
 
 
-def run_demo(ws: Workspace, *, items: int = 32, n: int = 4, max_new_tokens: int = 96, run_id: str | None = None,
-             echo: Callable[[str], None] = print) -> dict:
+def run_demo(ws: Workspace, *, items: int = 32, n: int = 4, max_new_tokens: int = 96, sft_items: int = 96,
+             run_id: str | None = None, echo: Callable[[str], None] = print) -> dict:
     from engine.iteration import Runner, create_run
 
     ensure_demo_dataset(ws)
-    cfg = parse_run_config(demo_config(items, n, max_new_tokens), "demo config")
+    cfg = parse_run_config(demo_config(items, n, max_new_tokens, sft_items), "demo config")
     rid = create_run(ws, cfg, run_id or ws.new_run_id("demo"))
-    echo(f"demo run {rid}: {items} training items x {n} judgments, 1 iteration, embedded SmolLM2-135M-Instruct")
+    echo(f"demo run {rid}: seed SFT on {sft_items} gold rationales, then {items} training items x {n} judgments, "
+         "1 iteration, embedded SmolLM2-135M-Instruct")
     status = Runner(ws, rid).run_all()
     echo(before_after_table(status))
     return status
 
 
-def before_after_table(status: dict) -> str:
+def judge_columns(status: dict) -> list[tuple[str, int, str]]:
+    """(label, iteration, metric prefix) of each judge in a run, in order: the raw model when the run
+    evaluated it (baseline `raw`), the initial judge (J_SFT after a seed SFT), then each iteration."""
     iters = status["iterations"]
-    lines = [f"{'dataset':<10} {'metric':<20} " + " ".join(f"{'iter ' + str(it['index']):>9}" for it in iters)]
-    datasets = sorted({d for it in iters for d in it["metrics"]})
+    has_sft = bool(iters) and iters[0]["stages"]["train"] == "done"  # iteration 0 trained: a seed SFT
+    cols = []
+    if iters and any(m.startswith("raw/") for d in iters[0]["metrics"].values() for m in d):
+        cols.append(("raw", 0, "raw/"))
+    for it in iters:
+        label = ("J_SFT" if has_sft else "initial") if it["index"] == 0 else f"iter {it['index']}"
+        cols.append((label, it["index"], ""))
+    return cols
+
+
+def before_after_table(status: dict) -> str:
+    iters = {it["index"]: it for it in status["iterations"]}
+    cols = judge_columns(status)
+    lines = [f"{'dataset':<10} {'metric':<20} " + " ".join(f"{label:>9}" for label, _, _ in cols)]
+    datasets = sorted({d for it in iters.values() for d in it["metrics"]})
     for d in datasets:
-        for m in [m for m in HEADLINE_METRICS if any(m in it["metrics"].get(d, {}) for it in iters)]:
-            vals = [it["metrics"].get(d, {}).get(m) for it in iters]
+        def value(k: int, prefix: str, m: str, d=d):
+            return iters[k]["metrics"].get(d, {}).get(prefix + m)
+
+        for m in [m for m in HEADLINE_METRICS if any(value(k, p, m) is not None for _, k, p in cols)]:
+            vals = [value(k, p, m) for _, k, p in cols]
             cells = " ".join(f"{'nan' if v is None or v != v else f'{v:.3f}':>9}" for v in vals)
             lines.append(f"{d:<10} {m:<20} {cells}")
     counts = {
-        "train judgments": [it["train_judgments"] for it in iters],
-        "pairs": [sum(it["pairs"].values()) for it in iters],
-        "eval judgments": [it["eval_judgments"] for it in iters],
+        "train judgments": lambda k, p: "" if p else iters[k]["train_judgments"],
+        "pairs": lambda k, p: "" if p else sum(iters[k]["pairs"].values()),
+        "eval judgments": lambda k, p: "" if p else iters[k]["eval_judgments"],
     }
-    for label, vals in counts.items():
-        lines.append(f"{'':<10} {label:<20} " + " ".join(f"{v:>9}" for v in vals))
+    for label, get in counts.items():
+        lines.append(f"{'':<10} {label:<20} " + " ".join(f"{get(k, p)!s:>9}" for _, k, p in cols))
     return "\n".join(lines)

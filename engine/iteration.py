@@ -759,7 +759,16 @@ class Runner:
             judgments = judge("relative", relative_requests(items), e.n, replace(greedy, mode="relative"), e.seed)
             record("relative", EvalResult(relative_metrics(items, judgments), relative_breakdown(items, judgments),
                                           None), "relative/")
-        if k == 0 and e.baselines:
+        if k == 0 and "raw" in e.baselines and (not pairwise or "absolute" in e.pairwise_modes):
+            # The model before the seed SFT, judged as the initial judge is (same requests, params and seed).
+            raw_sampler = self.sampler(self.base_model())
+            sample_and_store(self.store, raw_sampler, eval_requests(items), run_id=self.run_id, iteration=k,
+                             purpose="raw", n=e.n, params=greedy, base_seed=e.seed, batch_size=s.batch_size,
+                             progress=lambda d, t: self._progress(k, "evaluate", d, t, dataset=name, method="raw"))
+            raw = self.store.judgments(self.run_id, k, "raw")
+            raw = raw.filter(pl.col("item_id").is_in(items["item_id"].implode()))
+            record("raw", evaluate_judgments(items, raw, method="greedy", bootstrap=e.bootstrap, seed=e.seed), "raw/")
+        if k == 0 and {"self-consistency", "best-of-n"} & set(e.baselines):
             sampled = SamplingParams(temperature=e.baseline_temperature, top_p=s.top_p, max_new_tokens=budget,
                                      repetition_penalty=s.repetition_penalty, force_score=bool(s.force_score))
             judgments = judge("baseline", eval_requests(items), e.baseline_n, sampled, e.seed + 1)

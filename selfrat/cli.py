@@ -626,18 +626,21 @@ def demo(
     items: Annotated[int, typer.Option(help="Training items to sample.")] = 32,
     n: Annotated[int, typer.Option(help="Judgments per item.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 96,
+    sft_items: Annotated[int, typer.Option(help="Gold rationales the seed SFT trains on.")] = 96,
     run_id: Annotated[Optional[str], typer.Option("--run-id")] = None,
     prepare_only: Annotated[bool, typer.Option(
         "--prepare-only", help="Import the demo dataset and build the embedded checkpoint; run nothing "
                                "(then launch the iteration from the app's Launch page).")] = False,
 ) -> None:
-    """Import the demo dataset and run one iteration on the embedded judge, printing before/after."""
+    """Import the demo dataset, SFT the embedded judge on its gold rationales, run one iteration, and print the
+    raw model, J_SFT and iteration 1 side by side."""
     from engine.demo import prepare_demo, run_demo
 
     if prepare_only:
         prepare_demo(_ws(ctx), echo=typer.echo)
     else:
-        run_demo(_ws(ctx), items=items, n=n, max_new_tokens=max_new_tokens, run_id=run_id, echo=typer.echo)
+        run_demo(_ws(ctx), items=items, n=n, max_new_tokens=max_new_tokens, sft_items=sft_items, run_id=run_id,
+                 echo=typer.echo)
 
 
 @app.command("app")

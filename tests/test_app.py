@@ -623,3 +623,39 @@ def test_overview_shows_calibration_entropy_and_saturation(ws):
     lines = {t["name"]: t for t in traces(at, "reliability")}
     assert lines["iteration 2 · demo"]["x"] == [0.45, 0.95] and lines["iteration 2 · demo"]["y"] == [0.3, 0.5]
     assert traces(at, "entropy")[0]["y"] == [1.2, 0.6, 0.1]
+
+
+def test_compare_page_pairs_the_headline_figures_with_intervals(ws):
+    at = app("compare")
+    paired = frame_with(at, "metric", "A", "B", "B - A", "95% CI", "p", "n", "significant")
+    assert paired["metric"].tolist() == ["pearson", "spearman", "kendall", "exact", "within1", "partial_pearson"]
+    exact = paired.set_index("metric").loc["exact"]
+    # Iteration 0 scored every eval item gold % 5 + 1 (never gold), iteration 2 gold itself.
+    assert (exact["A"], exact["B"], exact["B - A"], exact["n"]) == (0.0, 1.0, 1.0, 5)
+    assert exact["95% CI"] == "[+1.000, +1.000]" and exact["significant"] == "*" and exact["p"] < 0.01
+    assert paired.set_index("metric").loc["within1", "significant"] == ""
+    assert any("Every stored metric" in e.label for e in at.expander)  # the raw dump, behind an expander
+    at.selectbox(key="_pick_compare_b").select(1).run()  # 0 and 1 scored alike: no difference
+    same = frame_with(at, "metric", "B - A", "significant").set_index("metric")
+    assert same.loc["exact", "B - A"] == 0 and same.loc["exact", "p"] == 1 and set(same["significant"]) == {""}
+
+
+def test_evaluation_page_pairs_an_iteration_with_the_seed_and_its_baselines(ws):
+    store = Store.in_workspace(ws)
+    evals = store.items("demo").filter(pl.col("split") == "eval").select("item_id", "gold_score").rows()
+    # Seed baselines: 3 samples per item, gold twice, so the majority is gold and the mean within one of it.
+    store.insert_judgments([_judgment(RUN, 0, "baseline", item_id, k, int(gold) if k < 2 else (int(gold) % 5) + 1)
+                            for item_id, gold in evals for k in range(3)])
+    at = app("evaluation")
+    assert at.selectbox(key="paired_iteration").value == 2
+    table = frame_with(at, "against", "metric", "B - A", "95% CI", "significant")
+    assert list(dict.fromkeys(table["against"])) == [
+        "iteration 0 · greedy", "iteration 0 · expected", "iteration 0 · self-consistency-mean",
+        "iteration 0 · self-consistency-majority", "iteration 0 · length-baseline"]
+    rows = table.set_index(["against", "metric"])
+    seed = rows.loc[("iteration 0 · greedy", "exact")]
+    assert (seed["B - A"], seed["significant"]) == (1.0, "*")
+    majority = rows.loc[("iteration 0 · self-consistency-majority", "exact")]
+    assert (majority["A"], majority["B - A"], majority["p"], majority["significant"]) == (1.0, 0.0, 1.0, "")
+    at.selectbox(key="paired_iteration").set_value(0).run()  # the seed itself against its baselines
+    assert "iteration 0 · greedy" not in set(frame_with(at, "against", "B - A")["against"])

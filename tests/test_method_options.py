@@ -230,3 +230,32 @@ def test_seed_sft_becomes_the_judge_of_iteration_zero_and_single_stage_baseline(
     assert child["iterations"][0]["stages"]["evaluate"] == "skipped"  # J_SFT was evaluated by the parent
     parent0 = store.run_status(rid)["iterations"][0]["metrics"]["demo"]
     assert parent0["single-stage-dpo/exact"] == single["demo"]["exact"]
+
+
+def test_raw_baseline_judges_the_model_before_the_seed_sft(demo_ws, tiny_model_dir):
+    """`baselines: [raw]` judges the base model as J_SFT is judged (same items, params, seeds), stored as
+    'raw/<metric>' at iteration 0; the before/after table shows raw, J_SFT and each iteration."""
+    from engine.demo import before_after_table, judge_columns
+
+    w = Workspace.open(demo_ws)
+    cfg = config(tiny_model_dir, max_eval_items=4, evaluation={"bootstrap": 0, "baselines": ["raw"]},
+                 sft={"dataset": "demo", "max_items": 2, "epochs": 1, "learning_rate": 1e-3, "max_length": 768})
+    rid = create_run(w, parse_run_config(cfg), "raw")
+    gold = gold_script(w.root, right_samples=1)
+
+    def factory(path):  # the raw model misses every gold score by 2; J_SFT hits it
+        return FakeSampler(gold if path != str(tiny_model_dir) else (lambda m, i, s: gold(m, 1, s)), model_name=path)
+    Runner(w, rid, sampler_factory=factory, echo=False).run_all()
+    store = Store.in_workspace(demo_ws)
+    status = store.run_status(rid)
+    m = status["iterations"][0]["metrics"]["demo"]
+    assert m["exact"] == 1.0 and m["raw/exact"] == 0.0 and m["raw/n"] == m["n"] == 4
+    raw = store.judgments(rid, 0, "raw")
+    assert raw.height == 4 and set(raw["model"]) == {str(tiny_model_dir)}
+    assert [c[0] for c in judge_columns(status)] == ["raw", "J_SFT"]
+    header, *rows = before_after_table(status).splitlines()
+    assert header.split()[2:] == ["raw", "J_SFT"]
+    exact = next(r for r in rows if r.split()[:2] == ["demo", "exact"]).split()[2:]
+    assert exact == ["0.000", "1.000"]
+    with pytest.raises(ValueError, match="raw is the model before the seed SFT"):
+        parse_run_config(config(tiny_model_dir, evaluation={"baselines": ["raw"]}))

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import yaml
 
 from engine.demo import demo_data_path
@@ -56,6 +57,16 @@ def test_full_loop_two_iterations_status_and_export(demo_chat_ws, tiny_model_dir
     assert judgments.select("item_id", "sample_index").unique().height == judgments.height
     assert judgments["score"].is_between(1, 5).all()  # forced scores keep a tiny model usable
     assert judgments.select(["p1", "p2", "p3", "p4", "p5"]).sum_horizontal().is_between(0.999, 1.001).all()
+    # Train judgments carry their reference log-prob (the sampler is the DPO reference): the train stage reads
+    # them instead of a reference pass. Evaluation judgments are never trained on and carry none.
+    scored = judgments.filter(pl.col("ref_logp").is_not_null())
+    assert scored.height >= judgments.height // 2
+    assert (scored["ref_logp"] < 0).all() and (scored["ref_tokens"] > 2).all()
+    assert store.judgments("tiny", 1, "eval")["ref_logp"].is_null().all()
+    log = (ws / "runs" / "tiny" / "run.log").read_text()
+    stored = [int(line.split("reference log-probs: ")[1].split()[0]) for line in log.splitlines()
+              if "reference log-probs: " in line]
+    assert len(stored) == 2 and all(n > 0 for n in stored), log
 
     out = tmp_path / "export"
     cli(ws, "export", "tiny", "--iteration", "1", "--out", str(out))

@@ -1,5 +1,6 @@
-"""Compare: two iterations of a run side by side: metric deltas per dataset, per-item score drift, and
-the rationales the two judges wrote for one item, diffed."""
+"""Compare: two iterations of a run side by side: the headline figures paired on the items both judged
+(B - A with a 95% paired-bootstrap interval and p, engine.compare), every stored metric's raw delta, per-item
+score drift, and the rationales the two judges wrote for one item, diffed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import plotly.express as px
 import polars as pl
 import streamlit as st
 
-from store import queries
+from engine.compare import compare_judges, judge_datasets, paired_rows
+from store import SelfratError, queries
 from ui import state
 
 TABLE_ROWS = 500  # items shown in the drift table (largest |drift| first); the histogram covers all
@@ -39,11 +41,39 @@ purpose = c[2].selectbox("Judgments", ["eval", "train"], key="compare_purpose",
 if a == b:
     st.warning("Pick two different iterations.")
 
-st.subheader("Metric deltas (B - A)")
+st.subheader("Paired comparison (B - A)")
+st.caption("The headline figures of both iterations' evaluations on the items both judged; B - A with a 95% "
+           "paired-bootstrap interval (items resampled, both judges at the same indices) and a two-sided p. "
+           "* marks a difference whose interval excludes 0. "
+           f"`selfrat compare {run_id}:{a} {run_id}:{b} --dataset D` prints the same.")
+PAIRED_COLUMNS = {
+    "A": st.column_config.NumberColumn(f"iteration {a}", format="%.3f"),
+    "B": st.column_config.NumberColumn(f"iteration {b}", format="%.3f"),
+    "B - A": st.column_config.NumberColumn("B - A", format="%+.3f"),
+    "p": st.column_config.NumberColumn("p", format="%.3f"),
+}
+try:
+    paired_datasets = sorted(set(state.cached(judge_datasets, f"{run_id}:{a}"))
+                             & set(state.cached(judge_datasets, f"{run_id}:{b}")))
+except SelfratError as e:
+    paired_datasets = []
+    st.caption(str(e))
+if not paired_datasets:
+    st.caption("No dataset has eval judgments in both iterations.")
+for name in paired_datasets:
+    try:
+        paired = state.cached(compare_judges, f"{run_id}:{a}", f"{run_id}:{b}", name)
+    except SelfratError as e:
+        st.caption(f"{name}: {e}")
+        continue
+    st.markdown(f"**{name}** ({paired['kind']}, {paired['items']} items judged in both)")
+    st.dataframe(pl.DataFrame(paired_rows(paired), infer_schema_length=None), hide_index=True,
+                 key=f"paired_{name}", column_config=PAIRED_COLUMNS)
+
 deltas = state.cached(queries.metric_deltas, run_id, a, b)
-if deltas.height == 0:
-    st.caption("No metrics stored for these iterations.")
-else:
+with st.expander("Every stored metric (raw deltas, no intervals)"):
+    if deltas.height == 0:
+        st.caption("No metrics stored for these iterations.")
     for name in sorted(set(deltas["dataset"].to_list())):
         st.markdown(f"**{name}**")
         st.dataframe(deltas.filter(pl.col("dataset") == name).drop("dataset"), hide_index=True,

@@ -1,6 +1,7 @@
 """Evaluation: every judge of a run side by side on one dataset (each iteration, and the baselines on the
-seed: self-consistency, best-of-N, single-stage DPO, relative A/B), with 95% intervals, per-group
-breakdowns (rubric, capability, RewardBench section) and the run's contamination and curation reports."""
+seed: self-consistency, best-of-N, single-stage DPO, relative A/B), with 95% intervals, one iteration paired
+against the seed and each baseline on the items both judged (engine.compare), per-group breakdowns (rubric,
+capability, RewardBench section) and the run's contamination and curation reports."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import plotly.express as px
 import polars as pl
 import streamlit as st
 
+from engine.compare import compare_judges, judge_datasets, paired_rows, parse_judge, stored_judges
 from engine.metrics import HEADLINE_METRICS
-from store import queries
+from store import SelfratError, queries
 from ui import state
 
 HEADLINE = (*HEADLINE_METRICS, "n")  # and how many items each figure is over
@@ -56,6 +58,49 @@ fig = px.bar(shown, x="judge", y="value", color="method", title=f"{dataset}: {me
              + (" (95% bootstrap interval)" if has_ci else ""),
              error_y="plus" if has_ci else None, error_y_minus="minus" if has_ci else None)
 st.plotly_chart(fig, key="judges_chart")
+
+st.subheader("Paired comparison")
+its = state.iterations_of(run_id)
+judged = []
+for k in its:
+    try:
+        if dataset in state.cached(judge_datasets, f"{run_id}:{k}"):
+            judged.append(k)
+    except SelfratError:
+        pass
+if not judged:
+    st.caption(f"No iteration has eval judgments on {dataset}.")
+else:
+    k = st.selectbox("Iteration", judged, index=len(judged) - 1, key="paired_iteration",
+                     format_func=lambda i: f"{i} (seed)" if i == 0 else str(i))
+    # Against the seed's own evaluation and each method stored at iteration 0 (relative A/B only on the CLI:
+    # reading its verdicts imports the sampler, which the app never loads).
+    references = [f"{run_id}:0"] if k != 0 and 0 in judged else []
+    if 0 in its:
+        references += [j for j in state.cached(stored_judges, run_id, 0, dataset)
+                       if parse_judge(j).method not in ("greedy", "relative")]
+    st.caption(f"Iteration {k} (B) against the seed (iteration 0) and each method stored on it (A), on the "
+               "items both judged: B - A with a 95% paired-bootstrap interval and a two-sided p; * marks a "
+               f"difference whose interval excludes 0. `selfrat compare {run_id}:0:METHOD {run_id}:{k} "
+               f"--dataset {dataset}` prints one of them (METHOD relative too).")
+    rows = []
+    for ref in references:
+        try:
+            res = state.cached(compare_judges, ref, f"{run_id}:{k}", dataset)
+        except SelfratError as e:
+            st.caption(f"{ref}: {e}")
+            continue
+        spec = parse_judge(ref)
+        rows += [{"against": f"iteration {spec.iteration} · {spec.method}", **r} for r in paired_rows(res)]
+    if rows:
+        st.dataframe(pl.DataFrame(rows, infer_schema_length=None), hide_index=True, key="paired_table",
+                     column_config={
+                         "A": st.column_config.NumberColumn("A", format="%.3f"),
+                         "B": st.column_config.NumberColumn(f"iteration {k}", format="%.3f"),
+                         "B - A": st.column_config.NumberColumn("B - A", format="%+.3f"),
+                         "p": st.column_config.NumberColumn("p", format="%.3f")})
+    elif not references:
+        st.caption("Nothing stored at iteration 0 to compare with.")
 
 groups = sorted(state.cached(queries.breakdown_groups, run_id, dataset), key=lambda g: g == "confusion")
 if groups:

@@ -6,6 +6,9 @@ named, nothing launched on error), show the exact command (engine.jobs' own dry 
 launch button, a what-if preview runs the form's curation settings on the selected run's latest sampled
 iteration (writing nothing).
 
+Training: the method (dpo, or grpo with its generations, prompts per step, steps, completion budget, beta,
+learning rate and reward weights; a GRPO run may train on a pairwise dataset too).
+
 Hardware: backend (vllm offered only where it is installed), device, tensor parallel size, the training
 strategy and its processes, LoRA / QLoRA, precision and trackers. The form is validated against this machine
 (`RunConfig` with its GPU count, from `nvidia-smi -L`: the app never imports torch), so vllm or QLoRA without a
@@ -29,6 +32,7 @@ from engine.curation import preview
 from engine.demo import demo_config
 from engine.devices import gpu_count
 from engine.distributed import accelerate_config, launch_argv
+from engine.rewards import NAMES as REWARD_NAMES
 from store import Store, StoreError, queries
 from ui import components, state
 
@@ -103,6 +107,9 @@ next_mode = mode == "next"
 
 datasets = state.cached(Store.datasets)
 absolute_train = datasets.filter((pl.col("kind") == "absolute") & (pl.col("train") > 0))["name"].to_list()
+# GRPO trains on pairwise items too (verdict and consistency rewards); DPO is refused on them below.
+pairwise_train = datasets.filter((pl.col("kind") == "pairwise") & (pl.col("train") > 0))["name"].to_list()
+train_names = absolute_train + pairwise_train
 all_names = datasets["name"].to_list()
 
 if next_mode:
@@ -148,9 +155,10 @@ with st.form("launch_form"):
                                   placeholder="no checkpoints yet" if not ckpts else "pick one")
             typed = st.text_input("Hub id", key=k("hub_id"), placeholder="org/name")
         c = st.columns(4)
-        train_dataset = c[0].selectbox("Train dataset", absolute_train, key=k("train_dataset"),
-                                       index=absolute_train.index(base["train_dataset"])
-                                       if base.get("train_dataset") in absolute_train else None)
+        train_dataset = c[0].selectbox("Train dataset", train_names, key=k("train_dataset"),
+                                       index=train_names.index(base["train_dataset"])
+                                       if base.get("train_dataset") in train_names else None,
+                                       help="Absolute datasets; pairwise ones with training method grpo only.")
         eval_datasets = c[1].multiselect("Eval datasets", all_names, default=base["eval_datasets"],
                                          key=k("eval_datasets"))
         max_train = c[2].number_input("Train items (0 = all)", value=int(base.get("max_train_items") or 0),
@@ -188,7 +196,33 @@ with st.form("launch_form"):
                            help=CurationConfig.model_fields["dedupe"].description)
     balance = c[2].checkbox("Balance chosen scores", value=cur_default.balance_scores, key=k("balance"),
                             help=CurationConfig.model_fields["balance_scores"].description)
-    st.markdown("**DPO training**")
+    st.markdown("**Training**")
+    methods = list(TrainingConfig.model_fields["method"].annotation.__args__)
+    grpo = trn.grpo
+    c = st.columns(5)
+    method = c[0].selectbox("Method", methods, index=methods.index(trn.method), key=k("method"),
+                            help=TrainingConfig.model_fields["method"].description)
+    grpo_generations = c[1].number_input("GRPO generations per prompt", value=grpo.num_generations, step=1,
+                                         key=k("grpo_generations"),
+                                         help=type(grpo).model_fields["num_generations"].description)
+    grpo_prompts = c[2].number_input("GRPO prompts per step", value=grpo.prompts_per_step, step=1,
+                                     key=k("grpo_prompts"),
+                                     help=type(grpo).model_fields["prompts_per_step"].description)
+    grpo_steps = c[3].number_input("GRPO steps (0 = epochs)", value=int(grpo.max_steps or 0), step=1,
+                                   key=k("grpo_steps"), help=type(grpo).model_fields["max_steps"].description)
+    grpo_tokens = c[4].number_input("GRPO completion tokens", value=grpo.max_completion_length, step=16,
+                                    key=k("grpo_tokens"),
+                                    help=type(grpo).model_fields["max_completion_length"].description)
+    c = st.columns(2 + len(REWARD_NAMES))
+    grpo_beta = c[0].number_input("GRPO beta (KL)", value=float(grpo.beta), step=0.01, format="%.3f",
+                                  key=k("grpo_beta"), help=type(grpo).model_fields["beta"].description)
+    grpo_lr = c[1].number_input("GRPO learning rate (0 = below)", value=float(grpo.learning_rate or 0.0),
+                                format="%.2e", step=1e-6, key=k("grpo_lr"),
+                                help=type(grpo).model_fields["learning_rate"].description)
+    grpo_weights = {name: col.number_input(f"Reward weight: {name}", value=float(getattr(grpo.rewards, name)),
+                                           step=0.1, key=k(f"grpo_w_{name}"),
+                                           help=type(grpo.rewards).model_fields[name].description)
+                    for col, name in zip(c[2:], REWARD_NAMES)}
     c = st.columns(5)
     beta = c[0].number_input("Beta", value=float(trn.beta), step=0.05, format="%.3f", key=k("beta"))
     lr = c[1].number_input("Learning rate", value=float(trn.learning_rate), format="%.2e",
@@ -241,7 +275,11 @@ raw["curation"] = {**base.get("curation", {}), "strategy": strategy, "min_margin
                    "dedupe": dedupe, "balance_scores": balance}
 raw["training"] = {**base.get("training", {}), "beta": beta, "learning_rate": lr, "epochs": epochs,
                    "lora": lora or qlora, "quantization": "4bit" if qlora else None, "precision": precision,
-                   "report_to": tracking or ["none"],
+                   "report_to": tracking or ["none"], "method": method,
+                   "grpo": {**((base.get("training") or {}).get("grpo") or {}), "num_generations": grpo_generations,
+                            "prompts_per_step": grpo_prompts, "max_steps": int(grpo_steps) or None,
+                            "max_completion_length": grpo_tokens, "beta": grpo_beta,
+                            "learning_rate": grpo_lr or None, "rewards": grpo_weights},
                    "distributed": None if train_strategy == SINGLE else {
                        **((base.get("training") or {}).get("distributed") or {}), "strategy": train_strategy,
                        "num_processes": processes}}
@@ -251,6 +289,9 @@ if not next_mode:
         errors.append(model_error)
     raw.update(model=model or EMBEDDED, train_dataset=train_dataset, eval_datasets=eval_datasets,
                iterations=iterations, max_train_items=int(max_train) or None, max_eval_items=int(max_eval) or None)
+    if train_dataset in pairwise_train and method != "grpo":
+        errors.append(f"train_dataset: {train_dataset!r} holds pairwise items; DPO samples absolute judgments "
+                      "(training method grpo trains on pairwise items)")
     try:
         jobs.check_run_id(run_id)
         if run_id in run_ids:

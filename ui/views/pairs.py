@@ -26,6 +26,13 @@ if run_id is None:
     st.stop()
 counts_all = state.cached(queries.pair_counts, run_id)
 curated = sorted(set(counts_all["iteration"].to_list())) if counts_all.height else []
+# GRPO iterations (training.method grpo) have no pairs: their curate stage is skipped, with the reason stored.
+iteration_rows = state.cached(queries.iterations_table, run_id)
+for k in iteration_rows.filter((pl.col("iteration") > 0) & (pl.col("curate_status") == "skipped"))["iteration"]:
+    report = state.cached(queries.curate_report, run_id, k) or {}
+    if report.get("method") == "grpo":
+        st.info(f"Iteration {k} trained with GRPO: curation is skipped ({report.get('reason', 'no pairs')}). "
+                "Its rollouts, with their rewards, are on the Judgments page (purpose rollout).")
 if not curated:
     st.info(f"Run {run_id} has no curated iteration yet: pairs appear after its first curate stage.")
     st.stop()
