@@ -90,19 +90,28 @@ def judge_columns(status: dict) -> list[tuple[str, int, str]]:
     return cols
 
 
+def side_by_side(status: dict, metrics=HEADLINE_METRICS) -> list[dict]:
+    """One row per (dataset, metric) that some judge has: {"dataset", "metric", <judge label>: value or None},
+    judges as `judge_columns` orders them (the CLI's before/after table and the app's Overview)."""
+    iters = {it["index"]: it for it in status["iterations"]}
+    cols = judge_columns(status)
+    rows = []
+    for d in sorted({d for it in iters.values() for d in it["metrics"]}):
+        for m in metrics:
+            vals = {label: iters[k]["metrics"].get(d, {}).get(prefix + m) for label, k, prefix in cols}
+            if any(v is not None for v in vals.values()):
+                rows.append({"dataset": d, "metric": m, **vals})
+    return rows
+
+
 def before_after_table(status: dict) -> str:
     iters = {it["index"]: it for it in status["iterations"]}
     cols = judge_columns(status)
     lines = [f"{'dataset':<10} {'metric':<20} " + " ".join(f"{label:>9}" for label, _, _ in cols)]
-    datasets = sorted({d for it in iters.values() for d in it["metrics"]})
-    for d in datasets:
-        def value(k: int, prefix: str, m: str, d=d):
-            return iters[k]["metrics"].get(d, {}).get(prefix + m)
-
-        for m in [m for m in HEADLINE_METRICS if any(value(k, p, m) is not None for _, k, p in cols)]:
-            vals = [value(k, p, m) for _, k, p in cols]
-            cells = " ".join(f"{'nan' if v is None or v != v else f'{v:.3f}':>9}" for v in vals)
-            lines.append(f"{d:<10} {m:<20} {cells}")
+    for row in side_by_side(status):
+        cells = " ".join(f"{'nan' if v is None or v != v else f'{v:.3f}':>9}"
+                         for v in (row[label] for label, _, _ in cols))
+        lines.append(f"{row['dataset']:<10} {row['metric']:<20} {cells}")
     counts = {
         "train judgments": lambda k, p: "" if p else iters[k]["train_judgments"],
         "pairs": lambda k, p: "" if p else sum(iters[k]["pairs"].values()),

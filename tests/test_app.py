@@ -177,6 +177,20 @@ def test_overview_shows_runs_iterations_metrics_and_pair_counts(ws):
     assert counts["iteration"].tolist() == [1, 2]
     assert counts["auto"].tolist() == [store.pairs(RUN, 1).height, store.pairs(RUN, 2).height]
     assert "No job running for r1" in texts(at)
+    # Judges side by side: no seed SFT here, so the initial judge and each iteration, headline metrics as rows.
+    judges = frame_with(at, "dataset", "metric", "initial", "iter 1", "iter 2")
+    exact = judges[judges["metric"] == "exact"].iloc[0]
+    assert [exact["initial"], exact["iter 1"], exact["iter 2"]] == pytest.approx([0.3, 0.4, 0.5])
+    assert "raw" not in judges.columns
+
+
+def test_overview_shows_the_raw_model_beside_j_sft(ws):
+    store = Store.in_workspace(ws)
+    store.set_stage(RUN, 0, "train", "done")  # iteration 0 trained: a seed SFT made J_SFT
+    store.put_metrics(RUN, 0, "demo", {"raw/exact": 0.05, "raw/pearson": -0.1})
+    judges = frame_with(app(), "dataset", "metric", "raw", "J_SFT", "iter 1", "iter 2")
+    assert list(judges.columns)[2:] == ["raw", "J_SFT", "iter 1", "iter 2"]
+    assert judges[judges["metric"] == "exact"].iloc[0]["raw"] == pytest.approx(0.05)
 
 
 def test_judgments_page_filters_pages_and_opens_an_item(ws):

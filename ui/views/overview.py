@@ -7,8 +7,9 @@ import plotly.express as px
 import polars as pl
 import streamlit as st
 
+from engine.demo import side_by_side
 from engine.metrics import HEADLINE_METRICS
-from store import queries
+from store import Store, queries
 from ui import components, state
 
 st.title("Overview")
@@ -34,6 +35,13 @@ else:
     st.caption("No iteration has started yet.")
 
 components.job_panel(run_id)
+
+judges = side_by_side(state.cached(Store.run_status, run_id))
+if judges:
+    st.subheader("Judges side by side")
+    st.caption("The headline metrics of each judge on each eval set: the raw model (when the run evaluated it, "
+               "baseline `raw`), the initial judge (J_SFT after a seed SFT), then each iteration.")
+    st.dataframe(pl.DataFrame(judges), hide_index=True, key="judges_table")
 
 st.subheader("Evaluation metrics over iterations")
 st.caption("Iteration 0 is the seed judge, before any training.")
