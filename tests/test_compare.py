@@ -160,7 +160,8 @@ def test_a_bad_spec_is_named(spec, message):
 
 def test_unknown_runs_iterations_methods_and_datasets_are_named(scored):
     store = Store.in_workspace(scored)
-    for spec, message in (("nope:0", "judge 'nope:0': no run 'nope'"), ("k:5", "judge 'k:5': run 'k' has no iteration 5"),
+    for spec, message in (("nope:0", "judge 'nope:0': no run 'nope'"),
+                          ("k:5", "judge 'k:5': run 'k' has no iteration 5"),
                           ("k:1:self-consistency-mean", "judge 'k:1:self-consistency-mean': no baseline judgments on"
                                                         " dataset 'demo'"),
                           ("k:1:raw", "no raw judgments")):
@@ -179,9 +180,9 @@ def test_unknown_runs_iterations_methods_and_datasets_are_named(scored):
 
 
 def _pairwise_file(path: Path) -> Path:
-    rows = [{"instruction": f"Question {i}: tell me about topic {i}.", "response": "A full, careful answer. " * (1 + i % 3)
-             + f"#{i}", "response_b": f"Short #{i}", "label": "A" if i % 2 == 0 else "B",
-             "section": "easy" if i < 4 else "hard"} for i in range(8)]
+    rows = [{"instruction": f"Question {i}: tell me about topic {i}.",
+             "response": "A full, careful answer. " * (1 + i % 3) + f"#{i}", "response_b": f"Short #{i}",
+             "label": "A" if i % 2 == 0 else "B", "section": "easy" if i < 4 else "hard"} for i in range(8)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -243,6 +244,10 @@ def test_compare_json_is_strict_and_pairs_the_stored_figures(evaluated):
         assert set(f) == set(FIELDS), name
         assert f["a"] == pytest.approx(seed[name]) and f["b"] == pytest.approx(first[name]), name
     assert out["metrics"]["exact"]["delta"] == 1.0 and out["metrics"]["exact"]["lo"] > 0
+    # What cannot be computed is null, never NaN: without resamples, no interval and no p.
+    bare = strict_json(cli(evaluated, "compare", "r:0", "r:1", "--dataset", "demo", "--bootstrap", "0",
+                           "--json").stdout)["metrics"]["exact"]
+    assert (bare["delta"], bare["lo"], bare["hi"], bare["p"], bare["n"]) == (1.0, None, None, None, 12)
 
     # A baseline stored at iteration 0, on the one dataset both judged; a figure that cannot be computed is null.
     sc = strict_json(cli(evaluated, "compare", "r:0:self-consistency-mean", "r:1", "--dataset", "demo",

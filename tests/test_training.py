@@ -490,3 +490,26 @@ def test_cpu_batches_run_as_accumulated_micro_batches(tmp_path):
     assert (cpu["per_device_train_batch_size"], cpu["gradient_accumulation_steps"]) == (1, 8)
     gpu = _trl_args(cfg, scratch=tmp_path, dev="cuda", precision="bf16")
     assert (gpu["per_device_train_batch_size"], gpu["gradient_accumulation_steps"]) == (4, 2)
+
+
+@pytest.mark.parametrize(("setting", "max_length", "dev", "on"), [
+    ("auto", 768, "cpu", False), ("auto", 2048, "cpu", True), ("auto", 768, "cuda", True),
+    (False, 2048, "cuda", False), (True, 512, "cpu", True)])
+def test_activation_checkpointing_follows_sequence_length_and_device(tmp_path, setting, max_length, dev, on):
+    from engine.training import _trl_args
+
+    for cfg in (TrainingConfig(max_length=max_length, activation_checkpointing=setting),
+                SFTConfig(dataset="d", max_length=max_length, activation_checkpointing=setting)):
+        assert _trl_args(cfg, scratch=tmp_path, dev=dev, precision="fp32")["activation_checkpointing"] is on
+
+
+def test_checkpointed_dpo_step_has_the_same_loss(tiny_model_dir, tmp_path):
+    """Checkpointing recomputes activations; it must not change what is trained."""
+    losses = {}
+    for on in (False, True):
+        lines: list[str] = []
+        train_dpo(policy_path=str(tiny_model_dir), reference_path=None, pairs=PAIRS[:2], out_dir=tmp_path / str(on),
+                  cfg=TrainingConfig(batch_size=2, max_length=256, learning_rate=1e-3, activation_checkpointing=on),
+                  device="cpu", log=lines.append)
+        losses[on] = [line for line in lines if line.startswith("step ")]
+    assert losses[True] == losses[False] and losses[True]
