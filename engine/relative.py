@@ -21,11 +21,15 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+from typing import TYPE_CHECKING
+
 import polars as pl
 
-from engine.judging import JudgeRequest
 from engine.prompts import relative_messages
 from store.errors import UsageError
+
+if TYPE_CHECKING:  # engine.judging loads the sampler (torch); the app reads relative metrics without it
+    from engine.judging import JudgeRequest
 
 SIDES = ("ab", "ba")
 LABELS = ("A", "B", "tie")
@@ -36,8 +40,10 @@ NAN = float("nan")
 _TO_ITEM = {"ab": {"A": "A", "B": "B"}, "ba": {"A": "B", "B": "A"}}
 
 
-def relative_requests(items: pl.DataFrame) -> list[JudgeRequest]:
+def relative_requests(items: pl.DataFrame) -> list["JudgeRequest"]:
     """Two requests per pairwise item: side "ab" (A = response, B = response_b) and "ba" (swapped)."""
+    from engine.judging import JudgeRequest
+
     out = []
     for item in items.iter_rows(named=True):
         if not isinstance(item.get("response_b"), str):

@@ -73,16 +73,15 @@ if not judged:
 else:
     k = st.selectbox("Iteration", judged, index=len(judged) - 1, key="paired_iteration",
                      format_func=lambda i: f"{i} (seed)" if i == 0 else str(i))
-    # Against the seed's own evaluation and each method stored at iteration 0 (relative A/B only on the CLI:
-    # reading its verdicts imports the sampler, which the app never loads).
+    # Against the seed's own evaluation and each method stored at iteration 0.
     references = [f"{run_id}:0"] if k != 0 and 0 in judged else []
     if 0 in its:
         references += [j for j in state.cached(stored_judges, run_id, 0, dataset)
-                       if parse_judge(j).method not in ("greedy", "relative")]
+                       if parse_judge(j).method != "greedy"]
     st.caption(f"Iteration {k} (B) against the seed (iteration 0) and each method stored on it (A), on the "
                "items both judged: B - A with a 95% paired-bootstrap interval and a two-sided p; * marks a "
                f"difference whose interval excludes 0. `selfrat compare {run_id}:0:METHOD {run_id}:{k} "
-               f"--dataset {dataset}` prints one of them (METHOD relative too).")
+               f"--dataset {dataset}` prints one of them.")
     rows = []
     for ref in references:
         try:
