@@ -245,6 +245,9 @@ class GRPOConfig(_Strict):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; None = `epochs` passes over the "
                                   "iteration's train items.")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the train items when max_steps is None.")
+    max_time_s: float | None = Field(None, gt=0.0, description="Stop after the optimizer step that ends past this "
+                                     "many seconds of training (a compute budget: the checkpoint is the policy at "
+                                     "that step); None = run every planned step.")
     vllm_gpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=1.0, description="On a GPU with vllm installed, rollouts come from vLLM colocated in the "
         "training process (TRL vllm_mode colocate); this share of the GPU is vLLM's.")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -241,6 +242,31 @@ def _summarize(log_history: list[dict], global_step: int, runtime_s: float, n_it
     return {k: v for k, v in out.items() if v is not None}
 
 
+class _TimeBudget:
+    """`grpo.max_time_s`: asks the trainer to stop after the first optimizer step that ends past the budget."""
+
+    def __init__(self, seconds: float, say: Callable[[str], None]):
+        self.seconds, self.say, self.stopped, self.t0 = seconds, say, False, None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        budget = self
+
+        class _Stop(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                budget.t0 = time.monotonic()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                elapsed = time.monotonic() - (budget.t0 or time.monotonic())
+                if elapsed >= budget.seconds and state.global_step < state.max_steps:
+                    budget.stopped = control.should_training_stop = True
+                    budget.say(f"time budget of {budget.seconds:.0f} s reached after step {state.global_step} "
+                               f"({elapsed:.0f} s): stopping")
+
+        return _Stop()
+
+
 def _finished_metrics(out_dir: Path, say: Callable[[str], None]) -> dict[str, float] | None:
     from engine.training import _stored_metrics
 
@@ -363,14 +389,19 @@ def train_grpo(
             f"{g.prompts_per_step} prompts x {g.num_generations} generations, policy={policy_path}, device={dev}, "
             f"precision={precision}, generation={'vllm colocate' if use_vllm else 'transformers generate'}, "
             f"beta={g.beta}, lora={cfg.lora}, rewards={ {k: v for k, v in weights.items() if v > 0} }")
+        budget = _TimeBudget(g.max_time_s, say) if g.max_time_s else None
         trainer = _trainer(GRPOTrainer, cfg, model=model, args=args, dataset=dataset, tokenizer=tokenizer, say=say,
                            progress=progress, launched=None, tb_dir=tb_dir or out_dir.parent / f"{out_dir.name}.tb",
                            line=lambda logs: (f"reward={logs.get('reward', math.nan):.3f} "
                                               f"loss={logs['loss']:.4f}"),
                            reward_funcs=[reward])
+        if budget is not None:
+            trainer.add_callback(budget.callback())
         history, done_steps, runtime_s = _train(trainer)
         metrics = _summarize(history, done_steps, runtime_s, len({r["pair_key"] for r in rows}), len(rows),
                              counted["rollouts"])
+        if budget is not None:
+            metrics["train/stopped_by_time"] = float(budget.stopped)
         record = {
             "kind": "grpo",
             "policy_path": str(policy_path),

@@ -673,3 +673,110 @@ def test_evaluation_page_pairs_an_iteration_with_the_seed_and_its_baselines(ws):
     assert (majority["A"], majority["B - A"], majority["p"], majority["significant"]) == (1.0, 0.0, 1.0, "")
     at.selectbox(key="paired_iteration").set_value(0).run()  # the seed itself against its baselines
     assert "iteration 0 · greedy" not in set(frame_with(at, "against", "B - A")["against"])
+
+
+# ------------------------------------------------------------------ GRPO iterations (training.method: grpo)
+
+GRPO_RUN = "g1"
+
+
+def add_grpo_run(ws: Path) -> Store:
+    """Run g1 beside r1: its iteration 1 trained with GRPO (sample and curate skipped, the curate report saying
+    why) with 2 steps x 2 prompts x 2 rollouts stored as judgments, rewards rising from step 1 to step 2."""
+    from engine.grpo import Rollout, rollout_judgments
+
+    store = Store.in_workspace(ws)
+    cfg = RunConfig.model_validate({"model": "embedded", "train_dataset": "demo", "eval_datasets": ["demo"],
+                                    "iterations": 1, "training": {"method": "grpo", "grpo": {
+                                        "num_generations": 2, "prompts_per_step": 2, "max_steps": 2}}})
+    store.create_run(GRPO_RUN, "loop", cfg.model_dump(mode="json"), str(ws / "runs" / GRPO_RUN))
+    items = store.items("demo", "train").head(2)["item_id"].to_list()
+    for it in (0, 1):
+        store.ensure_iteration(GRPO_RUN, it, sampler_model="fake")
+    for stage in ("sample", "curate", "train"):
+        store.set_stage(GRPO_RUN, 0, stage, "skipped")
+    store.set_stage(GRPO_RUN, 1, "sample", "skipped")
+    store.set_stage(GRPO_RUN, 1, "curate", "skipped", report={
+        "method": "grpo", "strategy": "none (grpo)", "pairs": 0,
+        "reason": "GRPO learns from rewarded rollouts, not from curated preference pairs: no curation"})
+    rollouts = [Rollout(item_id=item, side="a", kind="absolute", step=step, group_index=group, index=index,
+                        sample_index=((step - 1) * 2 + group) * 2 + index, text=f"Rollout. [RESULT] {step + index}",
+                        completion_tokens=6, truncated=False, rationale="Rollout.", score=step + index,
+                        verdict=None, parse_status="ok", reward=0.25 * step + 0.25 * index)
+                for step in (1, 2) for group, item in enumerate(items) for index in (0, 1)]
+    store.insert_judgments(rollout_judgments(rollouts, run_id=GRPO_RUN, iteration=1, model="fake", cfg=cfg.training))
+    store.set_stage(GRPO_RUN, 1, "train", "done", checkpoint=str(ws / "runs" / GRPO_RUN / "checkpoints" / "iter-1"),
+                    report={"train/reward": 0.5, "train/steps": 2.0})
+    for it in (0, 1):
+        store.put_metrics(GRPO_RUN, it, "demo", {"pearson": 0.1 * it, "exact": 0.3, "parse_failure_rate": 0.0})
+        store.set_stage(GRPO_RUN, it, "evaluate", "done")
+    store.update_run(GRPO_RUN, status="done")
+    return store
+
+
+def test_judgments_page_browses_grpo_rollouts_with_reward_step_and_group(ws):
+    add_grpo_run(ws)
+    at = app("judgments")
+    assert at.selectbox(key="_pick_run_id").value == GRPO_RUN and at.selectbox(key="_pick_iteration").value == 1
+    assert "rollout" in at.selectbox(key="j_purpose").options
+    at.selectbox(key="j_purpose").select("rollout").run()
+    assert not at.exception, [e.message for e in at.exception]
+    table = frame_with(at, "judgment_id", "step", "group_index", "reward")
+    assert len(table) == 8 and set(table["purpose"]) == {"rollout"}
+    assert sorted(zip(table["step"], table["group_index"])) == [(1, 0)] * 2 + [(1, 1)] * 2 + [(2, 0)] * 2 + [(2, 1)] * 2
+    assert sorted(table["reward"]) == [0.25] * 2 + [0.5] * 4 + [0.75] * 2
+    # the item's rollouts, each with its reward, step and group
+    captions = [c.value for c in at.caption if "reward" in c.value]
+    assert "parse: ok · reward 0.250 · step 1 · group 0" in captions
+    # reward per step: mean, min, max (and the share that parses) over steps 1, 2
+    assert "GRPO rollouts" in texts(at) and "8 rollouts over 2 steps" in texts(at)
+    lines = {t["name"]: t for t in traces(at, "rollout_rewards")}
+    assert set(lines) == {"mean", "min", "max", "parsed"}
+    assert lines["mean"]["x"] == [1, 2] and lines["mean"]["y"] == pytest.approx([0.375, 0.625])
+    assert lines["max"]["y"] == pytest.approx([0.5, 0.75])
+    # r1 (DPO) has no rollouts: no such chart
+    at.selectbox(key="_pick_run_id").select(RUN).run()
+    assert "rollout_rewards" not in chart_keys(at)
+
+
+def test_pairs_page_says_curation_is_skipped_for_a_grpo_iteration(ws):
+    add_grpo_run(ws)
+    at = app("pairs")
+    assert at.selectbox(key="_pick_run_id").value == GRPO_RUN
+    infos = [i.value for i in at.info]
+    assert any(i.startswith("Iteration 1 trained with GRPO: curation is skipped (GRPO learns from rewarded "
+                            "rollouts") and "Judgments page (purpose rollout)" in i for i in infos), infos
+    assert any("has no curated iteration yet" in i for i in infos)
+    for page in ("overview", "compare", "evaluation"):  # the other pages render a GRPO run too
+        at.switch_page(f"views/{page}.py").run()
+        assert not at.exception, (page, [e.message for e in at.exception])
+
+
+def test_launch_offers_grpo_and_writes_its_settings(ws, monkeypatch):
+    monkeypatch.setenv("SELFRAT_GPU_COUNT", "0")
+    at = app("launch")
+    assert at.selectbox(key="l_new_method").options == ["dpo", "grpo"]
+    assert at.selectbox(key="l_new_method").value == "dpo"
+    at.text_input(key="l_new_run_id").input("gr")
+    at.selectbox(key="l_new_method").set_value("grpo")
+    at.selectbox(key="l_new_strategy_dist").set_value("ddp")
+    click(at, "Check")
+    assert "training.distributed: method grpo trains in one process" in at.error[0].value
+    at.selectbox(key="l_new_strategy_dist").set_value("one process")
+    for name, value in {"grpo_generations": 2, "grpo_prompts": 4, "grpo_steps": 3, "grpo_tokens": 64}.items():
+        at.number_input(key=f"l_new_{name}").set_value(value)
+    at.number_input(key="l_new_grpo_beta").set_value(0.04)
+    at.number_input(key="l_new_grpo_lr").set_value(2e-6)
+    at.number_input(key="l_new_grpo_w_consistency").set_value(0.0)
+    at.selectbox(key="l_new_device").set_value("cpu")
+    click(at, "Launch")
+    assert not at.error, [e.value for e in at.error]
+    try:
+        saved = RunConfig.model_validate(yaml.safe_load((ws / "configs" / "gr.yaml").read_text()))
+    finally:
+        jobs.cancel(ws, "gr")
+    g = saved.training.grpo
+    assert saved.training.method == "grpo"
+    assert (g.num_generations, g.prompts_per_step, g.max_steps, g.max_completion_length) == (2, 4, 3, 64)
+    assert (g.beta, g.learning_rate) == (pytest.approx(0.04), pytest.approx(2e-6))
+    assert g.rewards.model_dump() == {"score": 1.0, "format": 0.2, "verdict": 1.0, "consistency": 0.0}

@@ -54,9 +54,9 @@ def test_config_method_grpo_and_what_it_refuses():
     assert TrainingConfig().method == "dpo" and TrainingConfig().grpo.beta == 0.0  # DPO stays the default
     assert TrainingConfig().grpo.rewards.model_dump() == {"score": 1.0, "format": 0.2, "verdict": 1.0,
                                                           "consistency": 0.5}
+    zero = {"score": 0, "format": 0, "verdict": 0, "consistency": 0}
     bad = {"train_dataset": "d", "training": {"method": "grpo", "distributed": {"num_processes": 2},
-                                             "grpo": {"num_generations": 1, "rewards": {"score": 0, "format": 0,
-                                                                                         "verdict": 0, "consistency": 0}}}}
+                                             "grpo": {"num_generations": 1, "rewards": zero}}}
     with pytest.raises(ConfigError) as e:
         parse_run_config(bad)
     message = str(e.value)
@@ -140,8 +140,9 @@ def test_train_grpo_on_both_orders_stores_rollouts_and_publishes_a_checkpoint(ti
 
     from engine.grpo import train_grpo
 
+    # 2 steps planned, but a time budget that the first step exhausts: training stops after it
     cfg = TrainingConfig(method="grpo", learning_rate=1e-4, grpo={
-        "num_generations": 2, "prompts_per_step": 2, "max_completion_length": 8, "max_steps": 1})
+        "num_generations": 2, "prompts_per_step": 2, "max_completion_length": 8, "max_steps": 2, "max_time_s": 0.01})
     out = tmp_path / "checkpoints" / "iter-1"
     got, started, lines = [], [], []
     metrics = train_grpo(policy_path=str(tiny_model_dir), items=[pairwise_item(7)], cfg=cfg, out_dir=out,
@@ -155,7 +156,9 @@ def test_train_grpo_on_both_orders_stores_rollouts_and_publishes_a_checkpoint(ti
         assert r.reward == 0.0
         assert r.completion_tokens <= 8 and r.parse_status in ("no_score", "truncated", "out_of_range", "ambiguous")
     assert metrics["train/steps"] == 1 and metrics["train/rollouts"] == 4 and metrics["train/prompts"] == 2
-    assert any(line.startswith("step 1/1 reward=") for line in lines)
+    assert metrics["train/stopped_by_time"] == 1.0
+    assert any(line.startswith("step 1/2 reward=") for line in lines)
+    assert any(line.startswith("time budget of 0 s reached after step 1") for line in lines)
     record = json.loads((out / "selfrat_checkpoint.json").read_text())
     assert record["kind"] == "grpo" and record["precision"] == "fp32" and record["generation"] == "transformers"
     AutoModelForCausalLM.from_pretrained(out)  # a plain checkpoint
@@ -209,7 +212,7 @@ def test_a_grpo_iteration_end_to_end_through_selfrat_run(demo_ws, tiny_model_dir
 
 def test_resume_after_sigkill_during_grpo_training(demo_ws, tiny_model_dir, tmp_path):
     ws = demo_ws
-    cfg = grpo_run_config(tiny_model_dir)
+    cfg = grpo_run_config(tiny_model_dir, prompts_per_step=1)  # 2 steps x 1 prompt x 2 generations
     cfg["evaluate_initial"] = False  # straight to training
     cfg_path = tmp_path / "grpo.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -227,7 +230,7 @@ def test_resume_after_sigkill_during_grpo_training(demo_ws, tiny_model_dir, tmp_
                 continue
             if seen:
                 break
-        assert 0 < seen < 8, f"never caught GRPO half-way (saw {seen} rollouts)"
+        assert 0 < seen < 4, f"never caught GRPO half-way (saw {seen} rollouts)"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -236,9 +239,9 @@ def test_resume_after_sigkill_during_grpo_training(demo_ws, tiny_model_dir, tmp_
     assert not (ws / "runs" / "k" / "checkpoints" / "iter-1").exists()
     cli(ws, "resume", "k")
     rollouts = store.rollouts("k", 1)
-    assert rollouts.height == 8 and rollouts["judgment_id"].n_unique() == 8  # none lost, none twice
-    assert sorted(Counter(rollouts["step"].to_list()).items()) == [(1, 4), (2, 4)]
+    assert rollouts.height == 4 and rollouts["judgment_id"].n_unique() == 4  # none lost, none twice
+    assert sorted(Counter(rollouts["step"].to_list()).items()) == [(1, 2), (2, 2)]
     it1 = store.run_status("k")["iterations"][1]
-    assert it1["stages"]["train"] == "done" and it1["rollout_judgments"] == 8
+    assert it1["stages"]["train"] == "done" and it1["rollout_judgments"] == 4
     assert store.run("k")["status"] == "done"
-    assert "dropped 4 rollouts of an interrupted attempt" in (ws / "runs" / "k" / "run.log").read_text()
+    assert "dropped 2 rollouts of an interrupted attempt" in (ws / "runs" / "k" / "run.log").read_text()
