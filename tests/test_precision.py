@@ -43,7 +43,16 @@ def test_probe_runs_once_per_process(monkeypatch):
     monkeypatch.setattr(precision, "_matmul_rate", rate)
     for _ in range(3):
         precision.resolve_precision("auto", "cpu")
-    assert len(calls) == 2  # one bf16 and one fp32 timing, then cached
+    assert len(calls) == 8  # four interleaved bf16 / fp32 trials, then cached
+
+
+def test_a_preempted_trial_does_not_flip_the_choice(monkeypatch):
+    """Another job takes the cores during one bf16 trial: the best of each dtype's trials still decides."""
+    import torch
+
+    trials = {torch.bfloat16: iter([40.0, 300.0, 310.0, 290.0]), torch.float32: iter([120.0] * 4)}
+    monkeypatch.setattr(precision, "_matmul_rate", lambda dtype, n, seconds: next(trials[dtype]))
+    assert precision.resolve_precision("auto", "cpu") == "bf16"
 
 
 def test_explicit_choices_env_override_and_other_devices(monkeypatch):
