@@ -780,3 +780,24 @@ def test_launch_offers_grpo_and_writes_its_settings(ws, monkeypatch):
     assert (g.num_generations, g.prompts_per_step, g.max_steps, g.max_completion_length) == (2, 4, 3, 64)
     assert (g.beta, g.learning_rate) == (pytest.approx(0.04), pytest.approx(2e-6))
     assert g.rewards.model_dump() == {"score": 1.0, "format": 0.2, "verdict": 1.0, "consistency": 0.0}
+
+
+def test_launch_offers_the_seed_sft_and_the_raw_baseline(ws, monkeypatch):
+    """A new run starts from the demo's recipe (seed SFT + raw baseline); unticking the SFT drops both."""
+    monkeypatch.setenv("SELFRAT_GPU_COUNT", "0")
+    at = app("launch")
+    assert at.checkbox(key="l_new_sft_on").value is True and at.selectbox(key="l_new_sft_dataset").value == "demo"
+    for run_id, on in (("with-sft", True), ("without-sft", False)):
+        at.text_input(key="l_new_run_id").input(run_id)
+        at.checkbox(key="l_new_sft_on").set_value(on)
+        at.number_input(key="l_new_sft_items").set_value(5)
+        click(at, "Launch")
+        assert not at.error, [e.value for e in at.error]
+        try:
+            saved = RunConfig.model_validate(yaml.safe_load((ws / "configs" / f"{run_id}.yaml").read_text()))
+        finally:
+            jobs.cancel(ws, run_id)
+        if on:
+            assert (saved.sft.dataset, saved.sft.max_items) == ("demo", 5) and "raw" in saved.evaluation.baselines
+        else:
+            assert saved.sft is None and "raw" not in saved.evaluation.baselines

@@ -165,6 +165,16 @@ with st.form("launch_form"):
                                       step=1, key=k("max_train"))
         max_eval = c[3].number_input("Eval items per dataset (0 = all)",
                                      value=int(base.get("max_eval_items") or 0), step=1, key=k("max_eval"))
+        base_sft = base.get("sft") or {}
+        c = st.columns([1, 1, 2])
+        sft_on = c[0].checkbox("Seed SFT first", value=bool(base_sft), key=k("sft_on"),
+                               help="SFT the model on gold rationales (J_SFT) before the loop; the raw model is "
+                               "evaluated beside it (baseline `raw`).")
+        sft_dataset = c[1].selectbox("SFT dataset", absolute_train, key=k("sft_dataset"), disabled=not sft_on,
+                                     index=absolute_train.index(base_sft["dataset"])
+                                     if base_sft.get("dataset") in absolute_train else None)
+        sft_items = c[2].number_input("SFT items (0 = all)", value=int(base_sft.get("max_items") or 0), step=1,
+                                      key=k("sft_items"), disabled=not sft_on)
 
     st.markdown("**Sampling**")
     c = st.columns(5)
@@ -289,6 +299,9 @@ if not next_mode:
         errors.append(model_error)
     raw.update(model=model or EMBEDDED, train_dataset=train_dataset, eval_datasets=eval_datasets,
                iterations=iterations, max_train_items=int(max_train) or None, max_eval_items=int(max_eval) or None)
+    baselines = [b for b in (raw.get("evaluation") or {}).get("baselines", []) if b != "raw"]
+    raw["sft"] = {**base_sft, "dataset": sft_dataset, "max_items": int(sft_items) or None} if sft_on else None
+    raw["evaluation"] = {**(raw.get("evaluation") or {}), "baselines": baselines + (["raw"] if sft_on else [])}
     if train_dataset in pairwise_train and method != "grpo":
         errors.append(f"train_dataset: {train_dataset!r} holds pairwise items; DPO samples absolute judgments "
                       "(training method grpo trains on pairwise items)")
