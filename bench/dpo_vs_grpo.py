@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,9 +48,13 @@ DATASETS = {
     "rb-chat-hard": ("rewardbench/Chat_Hard.jsonl", None, "eval"),
 }
 FIGURES = ("pearson", "spearman", "kendall", "exact", "within1", "accuracy", "parse_failure_rate")
-SIZES = {  # the experiment / --quick
-    "sft_items": (16, 2), "sft_epochs": (2.0, 1.0), "items": (4, 2), "n": (4, 4), "max_new_tokens": (128, 24),
-    "generations": (4, 2), "prompts_per_step": (1, 1), "eval_items": (12, 3), "eval_new_tokens": (96, 24),
+# The experiment / --quick. On 2 idle cores (bench/replicate.py's measurements: a CIA prompt is ~1,500 tokens, an SFT
+# example ~25 s of forward + backward, a DPO pair ~60 s, a greedy 96-token judgment ~15 s): SFT ~7 min, three
+# evaluations of 10 items ~2.5 min each, DPO ~6 min (the budget), GRPO the same: ~27 min. 128 tokens: J_SFT writes
+# its score within that budget for most items (replicate: 1/3 parse failures at 96), so GRPO's rollouts get a reward.
+SIZES = {
+    "sft_items": (8, 2), "sft_epochs": (2.0, 1.0), "items": (4, 2), "n": (4, 4), "max_new_tokens": (128, 24),
+    "generations": (4, 2), "prompts_per_step": (1, 1), "eval_items": (10, 3), "eval_new_tokens": (96, 24),
     "bootstrap": (1000, 200),
 }
 
@@ -114,6 +119,8 @@ def timed_stages(ws: Workspace, run_id: str, stages: tuple[str, ...]) -> dict[st
     that ran now, else the one stored by an earlier call (a rerun resumes: done stages take no time)."""
     store = ws.store()
     stored = store.run_reports(run_id).get("bench_timing", {})
+    if store.run(run_id)["status"] == "done":  # a rerun: nothing to do, the times measured when it ran
+        return {s: float(stored.get(s, 0.0)) for s in stages}
     r = Runner(ws, run_id, echo=False)
     store.update_run(run_id, status="running")
     with r.handling_signals():
@@ -189,7 +196,7 @@ def markdown(a, out: dict) -> str:
                "figures mean nothing.** The experiment: `python bench/dpo_vs_grpo.py`.\n\n" if a.quick else ""))
     return (
         head
-        + f"From one J_SFT (SmolLM2-135M-Instruct, SFT on {a.sft_items} CIA items x {a.sft_epochs:g} epochs), on the "
+        + f"From one J_SFT (SmolLM2-135M-Instruct, SFT on {a.sft_items} CIA items x {a.sft_epochs:g} epoch(s)), on the "
         f"same {a.items} CIA train items ({out['overlap_with_sft']} of them also among the SFT items by content), "
         f"evaluated greedily on the first {a.eval_items} items of {', '.join(a.eval_sets)} "
         f"({a.eval_new_tokens} tokens, forced scores allowed).\n\n"
@@ -203,7 +210,11 @@ def markdown(a, out: dict) -> str:
         f"{_fmt(g['reward_first'])} at the first step, {_fmt(g['reward_last'])} at the last "
         f"(mean {_fmt(g['mean_reward'])}).\n\n"
         + "\n".join(rows) + "\n\n**Paired comparisons** (engine.compare, on the items both judged):\n\n"
-        + "\n".join(lines) + f"\n\nTotal {out['total_s'] / 60:.1f} min. Command: `python bench/dpo_vs_grpo.py"
+        + "\n".join(lines)
+        + f"\n\nThe experiment took {out['experiment_s'] / 60:.1f} min (the sft run's creation to the grpo run's "
+        "end; a rerun resumes where the stored stages end, and only reports once all are done); "
+        f"1-minute load average at the end "
+        f"{out['load_average']:.1f} on {out['cpus']} CPUs. Command: `python bench/dpo_vs_grpo.py"
         + (" --quick" if a.quick else "") + "`.\n"
     )
 
@@ -235,7 +246,8 @@ def main() -> None:
     store = ws.store()
 
     ensure_run(ws, "sft", sft_config(a))
-    Runner(ws, "sft", echo=False).run_all()  # J_SFT, evaluated as iteration 0
+    if store.run("sft")["status"] != "done":
+        Runner(ws, "sft", echo=False).run_all()  # J_SFT, evaluated as iteration 0
     jsft = Runner(ws, "sft", echo=False).initial_model()
 
     ensure_run(ws, "dpo", dpo_config(a, jsft))
@@ -265,6 +277,9 @@ def main() -> None:
     out["paired"] = {f"{b} vs {x} on {d}": paired(store, f"{x}:{i}", f"{b}:1", d, a.bootstrap)
                      for d in a.eval_sets for b, x, i in (("grpo", "dpo", 1), ("dpo", "sft", 0), ("grpo", "sft", 0))}
     out["total_s"] = round(time.monotonic() - t0, 1)
+    # the experiment's own wall clock, from the store (a rerun that only reports does not change it)
+    out["experiment_s"] = round((store.run("grpo")["finished_at"] - store.run("sft")["created_at"]).total_seconds(), 1)
+    out["load_average"], out["cpus"] = round(os.getloadavg()[0], 2), os.cpu_count()
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "dpo_vs_grpo.md").write_text(markdown(a, out))
     print(json.dumps(out, allow_nan=False, default=str))

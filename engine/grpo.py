@@ -2,7 +2,8 @@
 the rewards of engine/rewards.py, as J1 trains generative judges (reward = the right score / verdict, and the
 same verdict in both orders).
 
-    rows = grpo_rows(store.items("cia", "train"))          # absolute: 1 prompt per item; pairwise: 2 (ab, ba)
+    items = store.items("cia", "train")
+    grpo_rows(items)        # the prompts: 1 per absolute item, 2 per pairwise one (orders ab, ba)
     metrics = train_grpo(policy_path="runs/r1/checkpoints/iter-0-sft", items=items, cfg=TrainingConfig(
                              method="grpo"), out_dir=Path("runs/r1/checkpoints/iter-1"),
                          on_rollouts=lambda rollouts: store.insert_judgments(rollout_judgments(rollouts, ...)))
@@ -273,6 +274,32 @@ def _finished_metrics(out_dir: Path, say: Callable[[str], None]) -> dict[str, fl
     return _stored_metrics(out_dir, say)
 
 
+def grpo_args(cfg: TrainingConfig, *, dev: str, precision: str, scratch: Path, steps: int,
+              use_vllm: bool) -> dict:
+    """TRL GRPOConfig fields: those every stage shares (engine.training `_trl_args`: precision, device, logging,
+    no saving) and GRPO's own. One optimizer step is one generation batch of prompts_per_step x num_generations
+    completions, in micro-batches of 1 on CPU (as DPO's pairs) and of gcd(batch_size, completions) on GPU;
+    `use_vllm` (a GPU with vllm installed): rollouts from vLLM colocated in this process."""
+    from engine.training import _trl_args
+
+    g = cfg.grpo
+    completions = g.prompts_per_step * g.num_generations
+    micro = 1 if dev == "cpu" else math.gcd(cfg.batch_size, completions)
+    args = _trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=cfg.report_to)
+    args.pop("max_length")  # GRPO budgets the completion only (max_completion_length)
+    args.update(
+        learning_rate=g.learning_rate or cfg.learning_rate, num_train_epochs=1, max_steps=steps,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=completions // micro,
+        num_generations=g.num_generations, max_completion_length=g.max_completion_length,
+        temperature=g.temperature, top_p=g.top_p, beta=g.beta,
+        shuffle_dataset=False,  # plan_rows ordered the stream: both orders of an item in one step
+        use_vllm=use_vllm,
+    )
+    if use_vllm:
+        args.update(vllm_mode="colocate", vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization)
+    return args
+
+
 def train_grpo(
     *,
     policy_path: str,
@@ -292,9 +319,9 @@ def train_grpo(
         policy_path: the judge to train (a checkpoint dir or hub id); it also generates the rollouts.
         items: train items (store.items rows): absolute ones are scored 1-5 against gold_score, pairwise ones
             judged A/B in both orders against label.
-        cfg: `training`: its `grpo` section (generations, prompts per step, budget, temperature, beta, learning
-            rate, steps, reward weights) and what GRPO shares with DPO (seed, precision, LoRA, report_to, and
-            learning_rate when grpo.learning_rate is None).
+        cfg: `training`: its `grpo` section (generations, prompts per step, completion budget, temperature,
+            beta, learning rate, steps or epochs, `max_time_s`, reward weights) and what GRPO shares with DPO
+            (seed, precision, LoRA, report_to, and learning_rate when grpo.learning_rate is None).
         out_dir: where the checkpoint goes; a finished one there is returned without training.
         device: auto, cpu, cuda, cuda:N (engine.devices).
         log: one line per optimizer step ("step 3/8 reward=0.412 loss=0.0123").
@@ -306,7 +333,8 @@ def train_grpo(
     Returns:
         `train/reward` (mean over steps of the batch mean reward), `train/reward_first`, `train/reward_last`,
         `train/reward_std`, `train/rewards/<component>`, `train/loss`, `train/completion_length`, `train/kl`
-        (beta > 0), `train/steps`, `train/runtime_s`, `train/items`, `train/prompts`, `train/rollouts`.
+        (beta > 0), `train/steps`, `train/runtime_s`, `train/items`, `train/prompts`, `train/rollouts`, and
+        with max_time_s `train/stopped_by_time` (1: the budget ended training before the planned steps).
     """
     out_dir, say = Path(out_dir), log or (lambda _line: None)
     if (stored := _finished_metrics(out_dir, say)) is not None:
@@ -334,22 +362,12 @@ def train_grpo(
     from engine.backends import vllm_available
     from engine.devices import resolve_device, use_device
     from engine.precision import resolve_precision
-    from engine.training import (
-        _checkpoint_dirs,
-        _load,
-        _publish_trained,
-        _require_trackers,
-        _train,
-        _trainer,
-        _trl_args,
-    )
+    from engine.training import _checkpoint_dirs, _load, _publish_trained, _require_trackers, _train, _trainer
 
     _require_trackers(cfg.report_to)
     dev = resolve_device(device)
     use_device(dev)
     precision = resolve_precision(cfg.precision, dev)
-    completions_per_step = g.prompts_per_step * g.num_generations
-    micro = 1 if dev == "cpu" else math.gcd(cfg.batch_size, completions_per_step)
     use_vllm = dev.startswith("cuda") and vllm_available()
     dataset = datasets.Dataset.from_list(stream)
     if on_start is not None:
@@ -366,22 +384,8 @@ def train_grpo(
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=False)
         eos = model.generation_config.eos_token_id
         eos_ids = {tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else (eos or []))} - {None}
-        common = _trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=cfg.report_to)
-        common.pop("max_length")  # GRPO budgets the completion only (max_completion_length)
-        common.update(learning_rate=g.learning_rate or cfg.learning_rate, num_train_epochs=1, max_steps=steps,
-                      per_device_train_batch_size=micro, gradient_accumulation_steps=completions_per_step // micro)
-        args = TRLGRPOConfig(
-            **common,
-            num_generations=g.num_generations,
-            max_completion_length=g.max_completion_length,
-            temperature=g.temperature,
-            top_p=g.top_p,
-            beta=g.beta,
-            shuffle_dataset=False,  # plan_rows ordered the stream: both orders of an item in one step
-            use_vllm=use_vllm,
-            **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": g.vllm_gpu_memory_utilization}
-               if use_vllm else {}),
-        )
+        args = TRLGRPOConfig(**grpo_args(cfg, dev=dev, precision=precision, scratch=scratch, steps=steps,
+                                         use_vllm=use_vllm))
         reward = weighted_reward(weights, on_scored=_recorder(
             store, num_generations=g.num_generations, prompts_per_step=g.prompts_per_step,
             max_completion_length=g.max_completion_length, eos_ids=eos_ids))
@@ -418,4 +422,4 @@ def train_grpo(
     return metrics
 
 
-__all__ = ["ROLLOUT", "Rollout", "grpo_rows", "plan_rows", "plan_steps", "rollout_judgments", "train_grpo"]
+__all__ = ["ROLLOUT", "Rollout", "grpo_args", "grpo_rows", "plan_rows", "plan_steps", "rollout_judgments", "train_grpo"]

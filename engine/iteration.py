@@ -631,7 +631,7 @@ class Runner:
         report = ({"method": "grpo", "strategy": "none (grpo)", "pairs": 0, "reason": self.GRPO_SKIP[stage]}
                   if stage == "curate" else None)
         self.store.ensure_iteration(self.run_id, k, sampler_model=self.model_of(k - 1))
-        if self.store.iteration(self.run_id, k)[f"{stage}_status"] != "skipped":
+        if self.store.iteration(self.run_id, k)[f"{stage}_status"] not in ("done", "skipped"):  # (done: under dpo)
             self.store.set_stage(self.run_id, k, stage, "skipped", report=report)
             self.log(f"[iter {k}] {stage}: skipped (training.method grpo: {self.GRPO_SKIP[stage]})")
         return report or {}

@@ -95,6 +95,26 @@ def test_rows_carry_the_reward_columns_and_steps_keep_both_orders_together():
     assert plan_steps(7, 4, 5, 1.0) == 5
 
 
+def test_trl_args_micro_batches_and_vllm_colocate_on_a_gpu(tmp_path):
+    from engine.grpo import grpo_args
+
+    cfg = TrainingConfig(method="grpo", learning_rate=3e-6, batch_size=4, grpo={
+        "num_generations": 4, "prompts_per_step": 3, "beta": 0.02, "max_completion_length": 64})
+    cpu = grpo_args(cfg, dev="cpu", precision="fp32", scratch=tmp_path, steps=5, use_vllm=False)
+    assert (cpu["per_device_train_batch_size"], cpu["gradient_accumulation_steps"]) == (1, 12)  # one step: 3 x 4
+    assert (cpu["max_steps"], cpu["learning_rate"], cpu["beta"], cpu["num_generations"]) == (5, 3e-6, 0.02, 4)
+    assert cpu["use_vllm"] is False and "vllm_mode" not in cpu and "max_length" not in cpu
+    assert cpu["shuffle_dataset"] is False and cpu["use_cpu"] is True and cpu["bf16"] is False
+    gpu = grpo_args(cfg, dev="cuda", precision="bf16", scratch=tmp_path, steps=5, use_vllm=False)
+    assert (gpu["per_device_train_batch_size"], gpu["gradient_accumulation_steps"]) == (4, 3)  # gcd(4, 12)
+    assert gpu["bf16"] is True and gpu["use_vllm"] is False
+    colocated = grpo_args(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"learning_rate": 1e-6})}),
+                          dev="cuda", precision="bf16", scratch=tmp_path, steps=5, use_vllm=True)
+    assert (colocated["use_vllm"], colocated["vllm_mode"], colocated["vllm_gpu_memory_utilization"]) == (
+        True, "colocate", 0.3)
+    assert colocated["learning_rate"] == 1e-6  # grpo.learning_rate over training.learning_rate
+
+
 def rollout(step, group, index, reward, item_id=100, side="a", score=4, status="ok") -> Rollout:
     return Rollout(item_id=item_id, side=side, kind="absolute", step=step, group_index=group, index=index,
                    sample_index=((step - 1) * 2 + group) * 2 + index, text=f"t [RESULT] {score}", completion_tokens=5,
