@@ -597,6 +597,9 @@ def _print_status(s: dict) -> None:
         precision = " ".join(f"{k}={v}" for k, v in it.get("precision", {}).items() if v)
         typer.echo(f"  iteration {it['index']}: judgments={it['judgments']} parsed={it['parsed']} {stages}"
                    + (f" pairs: {pairs}" if pairs else "") + (f" precision: {precision}" if precision else ""))
+        if it.get("rollout_judgments"):  # a GRPO iteration: its trainer's rollouts, stored as judgments
+            typer.echo(f"    GRPO rollouts: {it['rollout_judgments']} over {it['rollout_steps']} steps, mean reward "
+                       f"{it['rollout_reward']:.3f}")
         for warning in it.get("curation_warnings", []):
             typer.echo(f"    curation warning: {warning}")
         for name, m in it["metrics"].items():

@@ -200,6 +200,7 @@ def test_a_grpo_iteration_end_to_end_through_selfrat_run(demo_ws, tiny_model_dir
     assert (it1["rollout_judgments"], it1["rollout_steps"]) == (2 * 2 * 2, 2)
     assert it1["judgments_by_purpose"] == {"rollout": 8, "eval": 2}
     assert set(it1["metrics"]["demo"]) >= {"pearson", "exact", "parse_failure_rate"}  # evaluated like DPO's
+    assert f"GRPO rollouts: 8 over 2 steps, mean reward {it1['rollout_reward']:.3f}" in cli(ws, "status", "g").output
 
     store = Store.in_workspace(ws)
     rollouts = store.rollouts("g", 1)
