@@ -84,8 +84,8 @@ PRESETS = {
              "pairs_per_item": 2, "min_margin": 1, "dpo_lr": 1e-5, "max_new_tokens": 128, "cia_items": 150,
              "rb_items": 50, "eval_new_tokens": 96, "baseline_n": 5, "meta_new_tokens": 16, "max_length": 2048,
              "bootstrap": 1000, "compare_bootstrap": 2000, "relative": True, "selection": "spread"},
-    "quick": {"sft_items": 2, "sft_epochs": 1.0, "sft_lr": 1e-4, "items_per_iteration": 2, "n": 4,
-              "pairs_per_item": 1, "min_margin": 1, "dpo_lr": 1e-5, "max_new_tokens": 16, "cia_items": 3,
+    "quick": {"sft_items": 2, "sft_epochs": 1.0, "sft_lr": 1e-4, "items_per_iteration": 1, "n": 4,
+              "pairs_per_item": 1, "min_margin": 1, "dpo_lr": 1e-5, "max_new_tokens": 8, "cia_items": 2,
               "rb_items": 1, "eval_new_tokens": 8, "baseline_n": 2, "meta_new_tokens": 2, "max_length": 1024,
               "bootstrap": 200, "compare_bootstrap": 200, "relative": True, "selection": "shortest"},
 }
@@ -499,6 +499,13 @@ PAIRED = [
 ]
 
 
+def excludes_0(figure: dict, significant) -> bool:
+    """engine.compare's `significant`, except for an interval that is 0 up to rounding (two degenerate
+    judges, e.g. partial r at n = 3, differ by ~1e-15 in every resample: not a difference)."""
+    lo, hi = _num(figure.get("lo")), _num(figure.get("hi"))
+    return significant(figure) and lo is not None and hi is not None and max(abs(lo), abs(hi)) > 1e-9
+
+
 def paired_table(store, bootstrap: int, seed: int = 0) -> list[dict]:
     """Table 2's records: each iteration (B) against J_SFT, every baseline and (iteration 2) iteration 1 (A),
     per eval set and mode: {"b", "a", "b_spec", "a_spec", "cells": {"<dataset>:<mode>:<metric>": figure or
@@ -531,7 +538,7 @@ def paired_table(store, bootstrap: int, seed: int = 0) -> list[dict]:
                 f = (figure or {}).get(metric)
                 cells[f"{dataset}:{'relative' if ab else 'absolute'}:{metric}"] = (
                     None if f is None else {**{k: _num(v) if k != "n" else v for k, v in f.items()},
-                                            "excludes_0": significant(f)})
+                                            "excludes_0": excludes_0(f, significant)})
             records.append({"b": b_label, "a": a_label, "b_spec": b_spec, "a_spec": a_spec, "cells": cells})
     return records
 

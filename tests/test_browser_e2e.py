@@ -53,7 +53,7 @@ PAGES = {
     "Judgments": ("Judgments", "Item", "Scores"),
     "Pairs": ("Pairs", "History"),
     "Launch": ("Launch", "Curation preview", "Job"),
-    "Compare": ("Compare iterations", "Metric deltas (B - A)", "Rationales"),
+    "Compare": ("Compare iterations", "Paired comparison (B - A)", "Rationales"),
     "Evaluation": ("Evaluation", "Judges", "Curation reports"),
 }
 ACCEPT_KEY = "a"  # ui/views/pairs.py: st.button("Accept", shortcut="a")
