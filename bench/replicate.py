@@ -1130,7 +1130,8 @@ distribution at the score position (ln 5 = 1.609 is uniform).
             "judges": headline, "paired_vs_J_SFT": vs_sft,
             "projection_full": None if proj is None else {"total_min": round(proj["total_s"] / 60, 1),
                                                           "fits_150_min": proj["fits_150_min"]},
-            "machine": {k: mach.get(k) for k in ("cpu", "cores", "amx", "avx512_bf16", "auto_precision_cpu")}}
+            "machine": {k: mach.get(k) for k in ("cpu", "cores", "amx", "avx512_bf16", "auto_precision_cpu",
+                                                 "load_avg_1m")}}
 
 
 # ====================================================================== command line

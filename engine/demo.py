@@ -30,7 +30,7 @@ def ensure_demo_dataset(ws: Workspace) -> None:
     import_file(store, demo_data_path(), dataset=DEMO_DATASET)
 
 
-def demo_config(items: int = 32, n: int = 4, max_new_tokens: int = 96, sft_items: int = 96) -> dict:
+def demo_config(items: int = 32, n: int = 4, max_new_tokens: int = 96, sft_items: int = 48) -> dict:
     """The demo run: a seed SFT on the demo's gold rationales (J_SFT), then one iteration, evaluated on the eval
     split beside the raw model (baseline `raw`). The raw 135M model rarely closes a judgment with
     "[RESULT] n" itself (every score is forced, and nothing moves); after the SFT it does."""
@@ -41,12 +41,12 @@ def demo_config(items: int = 32, n: int = 4, max_new_tokens: int = 96, sft_items
         "iterations": 1,
         "max_train_items": items,
         # Gold feedback here is one sentence (~25 tokens): a short, high-rate SFT teaches the format.
-        "sft": {"dataset": DEMO_DATASET, "max_items": sft_items, "epochs": 1, "learning_rate": 1e-4,
-                "batch_size": 8, "max_length": 1024},
+        "sft": {"dataset": DEMO_DATASET, "max_items": sft_items, "epochs": 1, "learning_rate": 2e-4,
+                "batch_size": 4, "max_length": 1024},
         "sampling": {"n": n, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": max_new_tokens, "batch_size": 8},
         "curation": {"strategy": "gold", "min_margin": 1, "max_pairs_per_item": 1},
         "training": {"beta": 0.1, "learning_rate": 1e-5, "epochs": 1, "batch_size": 4, "max_length": 768},
-        "evaluation": {"n": 1, "temperature": 0.0, "max_new_tokens": 64, "baselines": ["raw"]},
+        "evaluation": {"n": 1, "temperature": 0.0, "max_new_tokens": 96, "baselines": ["raw"]},
     }
 
 
@@ -62,7 +62,7 @@ def prepare_demo(ws: Workspace, echo: Callable[[str], None] = print) -> str:
     return path
 
 
-def run_demo(ws: Workspace, *, items: int = 32, n: int = 4, max_new_tokens: int = 96, sft_items: int = 96,
+def run_demo(ws: Workspace, *, items: int = 32, n: int = 4, max_new_tokens: int = 96, sft_items: int = 48,
              run_id: str | None = None, echo: Callable[[str], None] = print) -> dict:
     from engine.iteration import Runner, create_run
 

@@ -629,7 +629,7 @@ def demo(
     items: Annotated[int, typer.Option(help="Training items to sample.")] = 32,
     n: Annotated[int, typer.Option(help="Judgments per item.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Rationale budget.")] = 96,
-    sft_items: Annotated[int, typer.Option(help="Gold rationales the seed SFT trains on.")] = 96,
+    sft_items: Annotated[int, typer.Option(help="Gold rationales the seed SFT trains on.")] = 48,
     run_id: Annotated[Optional[str], typer.Option("--run-id")] = None,
     prepare_only: Annotated[bool, typer.Option(
         "--prepare-only", help="Import the demo dataset and build the embedded checkpoint; run nothing "
