@@ -1,10 +1,13 @@
 """Does the self-rationalization loop improve the judge? The paper's experiment, with paired answers.
 
-    python bench/replicate.py                      # the full configuration (hours on 2 CPU cores: --estimate first)
-    python bench/replicate.py --resume             # continue it after an interruption
-    python bench/replicate.py --quick              # tiny numbers, end to end (~10 min on 2 cores), to a temp dir
-    python bench/replicate.py --estimate --workspace WS   # project the full run's wall time from WS's costs
+    python bench/replicate.py --quick              # tiny numbers, end to end, into a new temporary directory
+    python bench/replicate.py --estimate --workspace OUT/ws   # the full run's wall time here, from those costs
+    python bench/replicate.py                      # the full configuration (hours on 2 CPU cores)
+    python bench/replicate.py --resume             # continue it after an interruption (Ctrl-C, SIGTERM, a crash)
     python bench/replicate.py --report-only        # rewrite the report from what the workspace holds
+
+--quick takes ~3 min on 2 idle cores, several times that when other jobs share them; its figures mean
+nothing (n of 1-2 per set), it proves the script and measures the unit costs --estimate projects from.
 
 On the embedded SmolLM2-135M-Instruct, through the same engine as `selfrat run`:
 
@@ -1169,6 +1172,16 @@ def sizes_of(a: argparse.Namespace, preset: str) -> tuple[dict, dict]:
     return {**PRESETS[preset], **given}, given
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def prepare(ws: Workspace, data: Path, sizes: dict, preset: str, model: str, clock: Timings) -> dict:
     """A new workspace's datasets (the selected items), its setup file and the run; returns the setup. Also
     finishes a start that was interrupted between the import and the run (the setup file is there)."""
@@ -1237,6 +1250,13 @@ def main(argv: list[str] | None = None, sampler_factory=None) -> dict:
     elif set(store.datasets()["name"].to_list()) & {"cia-sft", "cia-train", *EVAL_SETS}:
         die(f"{workspace} holds datasets of an earlier replication (an older version of this script?): start "
             "afresh with another --workspace")
+    if not a.report_only:
+        for rid in (RUN_ID, SINGLE):
+            run = store.run(rid) if rid in runs_in(store) else {}
+            pid = run.get("pid")
+            if run.get("status") == "running" and pid and pid != os.getpid() and _alive(pid):
+                die(f"process {pid} is running {rid} in {workspace} now: wait for it, or stop it (its stages "
+                    "resume from where they stop)")
     clock = Timings(ws.root / TIMINGS_FILE)
     with contextlib.redirect_stdout(sys.stderr):  # stdout: the one JSON line
         if setup_path.is_file() or not has_run:
@@ -1250,7 +1270,15 @@ def main(argv: list[str] | None = None, sampler_factory=None) -> dict:
         if differ and (a.resume or a.report_only or a.refresh):
             print(f"replicate: the stored run keeps its sizes; ignored (stored, given): {differ}", file=sys.stderr)
         if not a.report_only:
-            run_experiment(ws, clock, sampler_factory=sampler_factory, refresh=a.refresh)
+            from store.errors import Cancelled
+
+            try:
+                run_experiment(ws, clock, sampler_factory=sampler_factory, refresh=a.refresh)
+            except Cancelled as e:
+                clock.save()
+                again = " ".join(["python bench/replicate.py", *(["--quick"] if a.quick else []), "--resume",
+                                  "--workspace", str(workspace), "--out", str(out)])
+                die(f"interrupted ({e}); every finished stage is stored. Continue with: {again}", code=130)
         clock.data["sessions"].append({"start": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
                                        "wall_s": round(time.time() - started, 1),
                                        "argv": list(sys.argv[1:] if argv is None else argv)})

@@ -111,10 +111,15 @@ def parse_judge(text: str | JudgeSpec) -> JudgeSpec:
     return JudgeSpec(run_id, int(k), method)
 
 
+# An interval this close to 0 is float noise (a degenerate correlation gives [-7e-15, -2e-15]), not a difference.
+ZERO_TOLERANCE = 1e-9
+
+
 def significant(figure: dict) -> bool:
-    """The 95% interval of delta excludes 0."""
+    """The 95% interval of delta excludes 0 (by more than float noise)."""
     lo, hi = figure.get("lo"), figure.get("hi")
-    return lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)) and (lo > 0 or hi < 0)
+    return (lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi))
+            and (lo > ZERO_TOLERANCE or hi < -ZERO_TOLERANCE))
 
 
 # ------------------------------------------------------------------ what a run holds

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
-
 from typing import TYPE_CHECKING
 
 import polars as pl

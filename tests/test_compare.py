@@ -295,3 +295,9 @@ def test_compare_errors_exit_2_naming_what_is_wrong(evaluated):
         res = cli(evaluated, "compare", *args, ok=False, code=2)
         assert res.output.startswith("error: ") and message in res.output, res.output
         assert "Traceback" not in res.output
+
+
+def test_an_interval_that_is_float_noise_around_zero_is_not_a_difference():
+    assert not significant({"lo": -7e-15, "hi": -2e-15})
+    assert significant({"lo": -0.2, "hi": -0.01}) and significant({"lo": 0.01, "hi": 0.3})
+    assert not significant({"lo": None, "hi": 0.3}) and not significant({"lo": float("nan"), "hi": 0.3})
