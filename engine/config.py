@@ -298,6 +298,11 @@ class TrainingConfig(_Strict):
         "(the reference model leaves memory): the ones the sampler stored with each judgment when it is the "
         "reference (`reference: previous`), the rest in one batched no-grad pass (TRL DPOConfig). false: TRL's "
         "live reference forward.")
+    shared_prompt_forward: bool = Field(
+        True, description="Run each pair's prompt once, chosen and rejected as two branches over it, and the LM "
+        "head only where a completion token is predicted (engine/shared_prompt.py): the same log-probs, about half "
+        "the tokens at CIA length. Falls back to TRL's two rows where it does not apply (DDP, soft-capped logits, "
+        "pairs cut differently). false: always TRL's rows.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio", "none"]] = Field(
         default_factory=lambda: ["none"],
         description="Run trackers, passed to TRL; tensorboard logs go to runs/<id>/tb/iter-k. ['none'] = off.")

@@ -206,19 +206,35 @@ def with_reference_logps(dataset: "datasets.Dataset", compute: Callable[["datase
     return base, len(dataset) - len(missing)
 
 
-def _stored_reference_dpo():
+def _stored_reference_dpo(shared_prompt: bool = False):
     """TRL's DPOTrainer, taking the reference log-probs the sampler stored with each judgment (`training.
     reference: previous`: the model that drew the judgments is the reference), and computing only the rest
     in one batched no-grad pass; `precompute_ref_log_probs` must be on. `_precompute_ref_logps` is TRL 1.16's
     one hook for both: it computes every pair, and passes its result between ranks through a cache file
     of the dataset, which an in-memory dataset keeps in each process's own temp dir (a DDP launch fails).
-    Here every rank computes its shard and `gather_for_metrics` gives each rank all of them, in order."""
+    Here every rank computes its shard and `gather_for_metrics` gives each rank all of them, in order.
+    With `shared_prompt`, both the reference pass and the policy's forward run one row per pair
+    (engine/shared_prompt.py) wherever that is exact."""
     import torch
     from torch.utils.data import DataLoader
     from trl import DPOTrainer
 
+    from engine.shared_prompt import SharedPromptModel, supported
+
     class StoredReferenceDPO(DPOTrainer):
         stored_reference_pairs = 0
+        shared_prompt_forward = shared_prompt  # read in __init__ already: TRL's reference pass runs there
+
+        def _one_row_per_pair(self, model):
+            if not self.shared_prompt_forward or not supported(model):
+                return model
+            return SharedPromptModel(model, self.processing_class.pad_token_id or 0, self.accelerator.autocast)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            return super()._compute_loss(self._one_row_per_pair(model), inputs, return_outputs)
+
+        def compute_ref_log_probs(self, model, inputs):
+            return super().compute_ref_log_probs(self._one_row_per_pair(model), inputs)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             dataset, self.stored_reference_pairs = with_reference_logps(
@@ -825,10 +841,11 @@ def train_dpo(
             + (", reference log-probs once before training" if cfg.precompute_ref_log_probs else "")
             + (f", {launched.strategy} x {launched.num_processes} processes" if launched else "")
         )
-        trainer = _trainer(_stored_reference_dpo(), cfg, model=model, args=args, dataset=dataset,
-                           tokenizer=tokenizer, say=say, progress=progress, launched=launched, ref_model=ref_model,
-                           tb_dir=tb_dir or out_dir.parent / f"{out_dir.name}.tb", line=lambda logs: (
-                               f"loss={logs['loss']:.4f} margin={logs.get('rewards/margins', math.nan):.4f}"))
+        trainer = _trainer(_stored_reference_dpo(cfg.shared_prompt_forward), cfg, model=model, args=args,
+                           dataset=dataset, tokenizer=tokenizer, say=say, progress=progress, launched=launched,
+                           ref_model=ref_model, tb_dir=tb_dir or out_dir.parent / f"{out_dir.name}.tb",
+                           line=lambda logs: (f"loss={logs['loss']:.4f} "
+                                              f"margin={logs.get('rewards/margins', math.nan):.4f}"))
         if cfg.precompute_ref_log_probs:
             trainer.ref_model = ref_model = None  # its log-probs are in the dataset now: free its memory
             say(f"reference log-probs: {trainer.stored_reference_pairs} of {len(pairs)} pairs stored at "
