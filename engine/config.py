@@ -301,8 +301,8 @@ class TrainingConfig(_Strict):
     shared_prompt_forward: bool = Field(
         True, description="Run each pair's prompt once, chosen and rejected as two branches over it, and the LM "
         "head only where a completion token is predicted (engine/shared_prompt.py): the same log-probs, about half "
-        "the tokens at CIA length. Falls back to TRL's two rows where it does not apply (DDP, soft-capped logits, "
-        "pairs cut differently). false: always TRL's rows.")
+        "the tokens at CIA length. Falls back to TRL's two rows where it does not apply (distributed, soft-capped "
+        "logits, pairs cut differently). false: always TRL's rows.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio", "none"]] = Field(
         default_factory=lambda: ["none"],
         description="Run trackers, passed to TRL; tensorboard logs go to runs/<id>/tb/iter-k. ['none'] = off.")

@@ -12,9 +12,9 @@ TRL's row; the LM head runs only on the positions that predict a completion toke
 come back in TRL's layout (`(2B, L-1)`, zero off the completion), so TRL's loss code runs unchanged.
 Same log-probs as the two rows (tests/test_shared_prompt.py), about half the tokens.
 
-Used where it is exact and safe: a plain (or PEFT) decoder with no logit scaling or soft-capping, not
-wrapped for DDP (DDP's gradient sync needs its own forward), chosen and rejected rows of a pair with the
-same prompt tokens. Anything else takes TRL's own path.
+Used where it is exact and safe: one process (DDP, FSDP and ZeRO need their own forward: gradient sync,
+parameter gathering), a plain (or PEFT) decoder with no logit scaling or soft-capping, chosen and rejected
+rows of a pair with the same prompt tokens. Anything else takes TRL's own path.
 """
 
 from __future__ import annotations
@@ -126,8 +126,9 @@ def _backbone_and_head(model):
 
 def supported(model) -> bool:
     """Whether `model` can take this path (see the module docstring)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return False
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return False  # DDP / FSDP / ZeRO hook their own forward (gradient sync, parameter gathering)
     try:
         backbone, head, config = _backbone_and_head(model)
     except AttributeError:
