@@ -1,6 +1,6 @@
 """DPO vs GRPO from the same J_SFT, at equal wall-clock budget, on the same items (tracker issue 14).
 
-    python bench/dpo_vs_grpo.py            # the experiment: ~20-30 min on 2 CPU cores
+    python bench/dpo_vs_grpo.py            # the experiment: ~25 min on 2 CPU cores
     python bench/dpo_vs_grpo.py --quick    # a smoke run of the same code path (~5-10 min): numbers mean nothing
 
 On the embedded judge (SmolLM2-135M-Instruct), everything through the engine `selfrat run` uses, in a workspace
@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -53,8 +54,10 @@ FIGURES = ("pearson", "spearman", "kendall", "exact", "within1", "accuracy", "pa
 # evaluations of 10 items ~2.5 min each, DPO ~6 min (the budget), GRPO the same: ~27 min. 128 tokens: J_SFT writes
 # its score within that budget for most items (replicate: 1/3 parse failures at 96), so GRPO's rollouts get a reward.
 SIZES = {
-    "sft_items": (8, 2), "sft_epochs": (2.0, 1.0), "items": (4, 2), "n": (4, 4), "max_new_tokens": (128, 24),
-    "generations": (4, 2), "prompts_per_step": (1, 1), "eval_items": (10, 3), "eval_new_tokens": (96, 24),
+    # full: what bench/results/dpo_vs_grpo.md ran (a J_SFT that parses needs ~48 items at lr 2e-4, and CIA's
+    # 150-250-token feedbacks need a 256-token budget); quick: a smoke run of the code path
+    "sft_items": (48, 2), "sft_epochs": (1.0, 1.0), "items": (8, 2), "n": (4, 4), "max_new_tokens": (256, 24),
+    "generations": (4, 2), "prompts_per_step": (1, 1), "eval_items": (30, 3), "eval_new_tokens": (256, 24),
     "bootstrap": (1000, 200),
 }
 
@@ -215,7 +218,7 @@ def markdown(a, out: dict) -> str:
         "end; a rerun resumes where the stored stages end, and only reports once all are done); "
         f"1-minute load average at the end "
         f"{out['load_average']:.1f} on {out['cpus']} CPUs. Command: `python bench/dpo_vs_grpo.py"
-        + (" --quick" if a.quick else "") + "`.\n"
+        + "".join(" " + shlex.quote(x) for x in sys.argv[1:]) + "`.\n"
     )
 
 
@@ -228,8 +231,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA)
     for name, (full, _quick) in SIZES.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(full), default=None, help=f"default {full}")
-    p.add_argument("--pairs-per-item", type=int, default=1)
-    p.add_argument("--sft-lr", type=float, default=1e-4)
+    p.add_argument("--pairs-per-item", type=int, default=2)
+    p.add_argument("--sft-lr", type=float, default=2e-4)
     p.add_argument("--lr", type=float, default=1e-5, help="DPO and GRPO learning rate.")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--rewardbench", action="store_true", help="Also evaluate on RewardBench Chat_Hard (each side).")
