@@ -49,13 +49,11 @@ DATASETS = {
     "rb-chat-hard": ("rewardbench/Chat_Hard.jsonl", None, "eval"),
 }
 FIGURES = ("pearson", "spearman", "kendall", "exact", "within1", "accuracy", "parse_failure_rate")
-# The experiment / --quick. On 2 idle cores (bench/replicate.py's measurements: a CIA prompt is ~1,500 tokens, an SFT
-# example ~25 s of forward + backward, a DPO pair ~60 s, a greedy 96-token judgment ~15 s): SFT ~7 min, three
-# evaluations of 10 items ~2.5 min each, DPO ~6 min (the budget), GRPO the same: ~27 min. 128 tokens: J_SFT writes
-# its score within that budget for most items (replicate: 1/3 parse failures at 96), so GRPO's rollouts get a reward.
+# The experiment / --quick. Full: what bench/results/dpo_vs_grpo.md ran, 24 min on 2 cores (SFT ~12 min, three
+# evaluations of 30 items ~2-4 min each, DPO ~2 min = the budget, GRPO the same). A J_SFT that parses needs ~48 items
+# at lr 2e-4, and CIA's 150-250-token feedbacks need a 256-token budget: at 8 items and 128 tokens every judgment was
+# cut before its score, so every GRPO reward was 0. Quick: a smoke run of the code path.
 SIZES = {
-    # full: what bench/results/dpo_vs_grpo.md ran (a J_SFT that parses needs ~48 items at lr 2e-4, and CIA's
-    # 150-250-token feedbacks need a 256-token budget); quick: a smoke run of the code path
     "sft_items": (48, 2), "sft_epochs": (1.0, 1.0), "items": (8, 2), "n": (4, 4), "max_new_tokens": (256, 24),
     "generations": (4, 2), "prompts_per_step": (1, 1), "eval_items": (30, 3), "eval_new_tokens": (256, 24),
     "bootstrap": (1000, 200),

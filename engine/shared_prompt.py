@@ -147,7 +147,7 @@ def shared_prompt_forward(model, input_ids: torch.Tensor, attention_mask: torch.
     fused LM head (a FusedCausalLMOutput, same layout), computed one row per pair. None where the batch does
     not pack (the caller then takes TRL's path)."""
     from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.utils import FusedCausalLMOutput
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 
     packed = pack_pairs(input_ids, attention_mask, (labels != -100).long(), pad_token_id)
     if packed is None:
@@ -161,8 +161,8 @@ def shared_prompt_forward(model, input_ids: torch.Tensor, attention_mask: torch.
     hidden = backbone(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                       use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.size(-1))[packed.src]
-    per_token = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, packed.targets, 1.0, 32768,
-                                             None, 1.0, FIELDS)
+    per_token = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, packed.targets, 1.0,
+                                             _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, FIELDS)
     dest = packed.dest
 
     def layout(x):
