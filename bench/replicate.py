@@ -911,6 +911,16 @@ def expected_pairs(n: int, cap: int, p_hit: float, p_miss: float) -> float:
     return total
 
 
+def _meta_suffix_chars() -> int:
+    """Characters of a meta-judge prompt after the feedback's heading, less the feedback: its own part."""
+    from engine.prompts import meta_messages
+
+    heading = "###Feedback to rate:\n"
+    text = meta_messages({"instruction": "i", "response": "r", "criteria": "c",
+                          **{f"score{k}_description": "d" for k in range(1, 6)}}, "")[1]["content"]
+    return len(text) - text.index(heading) - len(heading)
+
+
 def project(costs: dict, data: Path, s: dict) -> dict:
     """Projected wall seconds of a run of sizes `s` on the machine `costs` were measured on, per stage."""
     from engine.relative import relative_requests
@@ -951,7 +961,9 @@ def project(costs: dict, data: Path, s: dict) -> dict:
         "seed evaluation, J_SFT": greedy,
         "baseline raw": sum(a * p + b * ce for p in abs_p),
         "baselines self-consistency / best-of-N sampling": sum(a * p + N * b * ce for p in abs_p),
-        "baseline best-of-N meta-judge": N * sum(a * (p + ce) + b * s["meta_new_tokens"] for p in abs_p),
+        # an item's N ratings share its prompt up to the feedback (computed once), then feedback + meta rubric
+        "baseline best-of-N meta-judge": sum(a * (p + N * (ce + tok(_meta_suffix_chars())))
+                                             + N * b * s["meta_new_tokens"] for p in abs_p),
     }
     for k in (1, 2):
         out[f"iteration {k} sample"] = sample(train_p[(k - 1) * m:k * m])

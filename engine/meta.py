@@ -58,11 +58,10 @@ def rate_judgments(
     if missing:
         raise ValueError(f"judgment {missing[0][0]}: its item {missing[0][1]} is not among the items given"
                          f" ({len(missing)} judgments lack their item)")
-    total, written = todo.height, 0
+    total, written, done = todo.height, 0, 0
     if progress:
         progress(0, total)
-    for start in range(0, total, batch_size):
-        batch = todo.slice(start, batch_size).to_dicts()
+    for batch in _batches(todo, batch_size):
         prompts = [meta_messages(by_id[j["item_id"]], j["text"], RESPONSE_KEY[j["side"]]) for j in batch]
         seeds = [[judgment_seed(base_seed, f"meta/{j['judgment_id']}", 0)] for j in batch]
         samples = sampler.generate(prompts, 1, params, seeds)
@@ -75,9 +74,27 @@ def rate_judgments(
                 "forced": s.forced, **{f"p{k + 1}": probs[k] for k in range(5)},
             })
         written += store.insert_meta_ratings(rows)
+        done += len(batch)
         if progress:
-            progress(min(start + batch_size, total), total)
+            progress(done, total)
     return written
+
+
+def _batches(todo: pl.DataFrame, batch_size: int) -> list[list[dict]]:
+    """Batches of whole (item, side) groups, up to `batch_size` judgments (a larger group is split): the
+    ratings of one response share its long prompt prefix, which the sampler then computes once."""
+    groups: dict[tuple, list[dict]] = {}
+    for j in todo.to_dicts():
+        groups.setdefault((j["item_id"], j["side"]), []).append(j)
+    batches, batch = [], []
+    for group in groups.values():
+        while group:
+            if batch and len(batch) + len(group) > batch_size:
+                batches.append(batch)
+                batch = []
+            take = batch_size - len(batch)
+            batch, group = batch + group[:take], group[take:]
+    return batches + ([batch] if batch else [])
 
 
 def _todo(store: "Store", rater: str, judgments: pl.DataFrame, run_id: str, iteration: int) -> pl.DataFrame:

@@ -39,15 +39,16 @@ def cpu_flags() -> dict[str, bool | str]:
 
 
 def _matmul_rate(dtype, n: int, seconds: float) -> float:
-    """GFLOP/s of an n x n matmul in `dtype` over about `seconds` (after one warm-up call)."""
+    """GFLOP/s of an n x n matmul in `dtype` per second of this thread's CPU time, over about `seconds` of
+    it (after one warm-up call). CPU time, not wall time: time the thread spent preempted is not counted."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)
     a @ b
-    calls, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or calls < 2:
+    calls, start = 0, time.thread_time()
+    while (elapsed := time.thread_time() - start) < seconds or calls < 2:
         a @ b
         calls += 1
     return 2 * n**3 * calls / elapsed / 1e9
@@ -55,15 +56,22 @@ def _matmul_rate(dtype, n: int, seconds: float) -> float:
 
 @functools.cache
 def cpu_bf16_speedup(rounds: int = 4) -> float:
-    """bf16 / fp32 matmul throughput on this CPU, timed once per process (~100 ms): the best of `rounds`
-    interleaved short trials of each, so a busy machine (another job preempting one trial) does not flip the
-    choice; measured under a load of 6 on 2 cores, a single 25 ms pair picked fp32 on an AVX512-BF16 CPU."""
+    """bf16 / fp32 matmul throughput of one core of this CPU, timed once per process (~100 ms): the best of
+    `rounds` interleaved short trials of each, on one thread, in that thread's CPU time. A busy machine must
+    not flip the choice: timed in wall time on both cores beside a 2-thread job, 2 of 15 probes gave < 1 on
+    an AVX512-BF16 CPU whose true ratio is 2.1 (the kernels' threads wait for each other while one is
+    preempted); one thread timed in its own CPU time gave 2.06-2.12 in all 15."""
     import torch
 
-    best = {torch.bfloat16: 0.0, torch.float32: 0.0}
-    for _ in range(rounds):
-        for dtype in best:
-            best[dtype] = max(best[dtype], _matmul_rate(dtype, 384, 0.012))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = {torch.bfloat16: 0.0, torch.float32: 0.0}
+        for _ in range(rounds):
+            for dtype in best:
+                best[dtype] = max(best[dtype], _matmul_rate(dtype, 384, 0.012))
+    finally:
+        torch.set_num_threads(threads)
     return best[torch.bfloat16] / best[torch.float32]
 
 

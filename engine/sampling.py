@@ -14,7 +14,9 @@ A ``Sampler`` takes chat prompts and returns ``[input][sample]`` lists of ``Samp
 Why not ``model.generate``: it can give none of the three things the loop below does.
 1. Shared prefill. Each prompt is prefilled once (a left-padded batch of B prompts, one forward), then
    the KV cache is repeated to B*N rows. Prefill dominates on CPU (a 470-token judge prompt costs
-   SmolLM2-135M ~3.5 s), so N samples cost about one prefill, not N.
+   SmolLM2-135M ~3.5 s), so N samples cost about one prefill, not N. Distinct prompts of a batch that share
+   a long token prefix (a meta-judge's ratings of one response, the template header) compute it once too
+   (``prefix_groups``, ``TransformersSampler._prefill``).
 2. Per-sample seeds. Every row draws from its own ``torch.Generator``, one draw per free step, so a
    judgment is reproduced from its stored seed whatever else was in the batch. Tokens are drawn by an
    exponential race (argmax p_i / E_i, E_i ~ Exp(1)), which is exact multinomial sampling and, unlike an
@@ -350,6 +352,44 @@ class _Row:
 # ---------------------------------------------------------------------------------------- transformers
 
 
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prefix_groups(prompt_ids: Sequence[Sequence[int]], min_shared: int) -> list[tuple[int, list[int]]]:
+    """Runs of consecutive prompts that share a token prefix worth computing once: [(prefix length,
+    member indices)], [] when no sharing saves anything.
+
+    Chosen to compute the fewest prompt tokens: a run of m prompts sharing p tokens saves (m - 1) * p, and a
+    dynamic program over the runs picks the best split (so two items' meta-ratings in one batch share each
+    item's long prefix, not only the header both items have). A prefix always leaves every member at least
+    one token of its own, whose logits start the generation. Prompts in no run are absent."""
+    b = len(prompt_ids)
+    # best[j]: the most tokens saved over prompts[:j]; cut[j]: where the last run of that split starts
+    best, cut, length = [0] * (b + 1), [0] * (b + 1), {}
+    for j in range(1, b + 1):
+        best[j], cut[j] = best[j - 1], j - 1  # prompt j-1 alone
+        p = len(prompt_ids[j - 1]) - 1
+        for i in range(j - 2, -1, -1):  # the run i..j-1
+            p = min(p, _lcp(prompt_ids[i], prompt_ids[j - 1]), len(prompt_ids[i]) - 1)
+            if p < min_shared:
+                break  # a longer run only shares less
+            saved = best[i] + (j - 1 - i) * p
+            if saved > best[j]:
+                best[j], cut[j], length[(i, j)] = saved, i, p
+    groups, j = [], b
+    while j > 0:
+        i = cut[j]
+        if (i, j) in length and j - i > 1:
+            groups.append((length[(i, j)], list(range(i, j))))
+        j = i
+    return groups[::-1]
+
+
 def _preallocated_cache(config, capacity: int):
     """A DynamicCache whose full-attention layers append in place into buffers of `capacity` positions.
 
@@ -456,6 +496,9 @@ class TransformersSampler(ChatJudge):
 
     ``generate`` runs all given prompts as one batch (B prompts -> B*n rows); callers chunk by batch size."""
 
+    # Shared prefixes shorter than this are not worth a second forward; None turns prefix sharing off.
+    min_shared_prefix: int | None = 32
+
     def __init__(self, model_path: str, device: str = "auto", dtype: torch.dtype | None = None,
                  precision: str = "auto"):
         from engine.models import load_model_and_tokenizer
@@ -484,6 +527,7 @@ class TransformersSampler(ChatJudge):
         # transformers 5.2x renamed forward's `past_key_values` to `cache`; accept either.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.prefill_tokens = 0  # prompt positions computed, shared prefixes once (what prefix sharing saves)
 
     def _stop_ids(self) -> frozenset[int]:
         return stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
@@ -511,16 +555,10 @@ class TransformersSampler(ChatJudge):
         rows = [_Row(seed=s, generator=torch.Generator(device=dev).manual_seed(s),
                      complete=completes[r // n] if completes else None) for r, s in enumerate(seeds)]
 
-        # Prefill: B left-padded prompts, one forward; only the last position's logits are needed.
-        ids, mask = self._left_pad(prompt_ids)  # [B, L] each
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: real tokens at 0..len-1
-        # room for the prompt, the free tokens, and a probed " [RESULT] k"
+        # room for the free tokens and a probed " [RESULT] k" after the prompt
         # (+ the end-of-turn tail the completion is scored with; the cache grows if a template needs more)
-        capacity = ids.shape[1] + params.max_new_tokens + len(st.marker_ids) + 4
-        cache = _preallocated_cache(self.model.config, capacity)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         logits_to_keep=1, **{self._cache_kw: cache})
-        logits = out.logits[:, -1, :].float().repeat_interleave(n, dim=0)  # [R=B*n, V]
+        logits, cache, mask, pos = self._prefill(prompt_ids, params.max_new_tokens + len(st.marker_ids) + 4)
+        logits = logits.repeat_interleave(n, dim=0)  # [R=B*n, V]
         cache.batch_repeat_interleave(n)  # every layer's K/V: [B, ...] -> [R, ...]
         mask = mask.repeat_interleave(n, dim=0)  # [R, L]
         next_pos = pos[:, -1].repeat_interleave(n) + 1  # [R]
@@ -560,6 +598,54 @@ class TransformersSampler(ChatJudge):
         if bar is not None:
             bar.close()
         return rows
+
+    def _prefill(self, prompt_ids: list[list[int]], room: int):
+        """Prefill B prompts: (last-position logits [B, V] fp32, cache, mask [B, W], position ids [B, W]).
+
+        Prompts that share a long token prefix (a meta-judge's N ratings of one item, the template's header)
+        compute it once: the groups' prefixes run as one left-padded batch, each row's cache is then the
+        copy of its group's, and the rest of every prompt runs after it, left-padded to its own width. The
+        pads inside a row are masked and position ids count real tokens only, so every token sees exactly
+        what it sees unshared. Otherwise: one left-padded batch, one forward."""
+        groups = prefix_groups(prompt_ids, self.min_shared_prefix) if self._can_share_prefix() else []
+        width = max(len(p) for p in prompt_ids)
+        if not groups:
+            ids, mask = self._left_pad(prompt_ids)  # [B, L] each
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: real tokens at 0..len-1
+            cache = _preallocated_cache(self.model.config, width + room)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kw: cache})
+            self.prefill_tokens += int(mask.sum())
+            return out.logits[:, -1, :].float(), cache, mask, pos
+        shared = {i: length for length, members in groups for i in members}  # row -> its prefix length
+        prefixes = [prompt_ids[members[0]][:length] for length, members in groups]
+        p_ids, p_mask = self._left_pad(prefixes)  # [G, Wp]
+        rests = [p[shared.get(i, 0):] for i, p in enumerate(prompt_ids)]
+        r_ids, r_mask = self._left_pad(rests)  # [B, Wr]
+        cache = _preallocated_cache(self.model.config, p_ids.shape[1] + r_ids.shape[1] + room)
+        self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                   use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        # row -> its group's cache row; a row with no shared prefix takes any (all of it masked for the row)
+        group_of = {i: g for g, (_length, members) in enumerate(groups) for i in members}
+        index = torch.tensor([group_of.get(i, 0) for i in range(len(prompt_ids))], device=self.device)
+        cache.batch_select_indices(index)
+        p_mask = p_mask[index] * torch.tensor([i in shared for i in range(len(prompt_ids))],
+                                              device=self.device)[:, None]
+        mask = torch.cat([p_mask, r_mask], dim=1)  # [B, Wp + Wr], pads at the left and between the parts
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=r_ids, attention_mask=mask, position_ids=pos[:, p_ids.shape[1]:],
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        self.prefill_tokens += int(p_mask.new_tensor([len(p) for p in prefixes]).sum() + r_mask.sum())
+        return out.logits[:, -1, :].float(), cache, mask, pos
+
+    def _can_share_prefix(self) -> bool:
+        # Sliding-window (and other non-plain) layers count their window in cache slots, pads included, so a
+        # pad between the parts would shift it: only plain full-attention caches share.
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        if self.min_shared_prefix is None:
+            return False
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
 
     def _advance(
         self, rows: list[_Row], logits: torch.Tensor, params: SamplingParams, st: ScoreTokens,

@@ -90,7 +90,9 @@ def test_rate_judgments_stores_ratings_greedy_and_skips_textless(judged):
     written = rate_judgments(store, sampler, judgments, items, run_id="r", iteration=1, batch_size=3,
                              progress=lambda d, t: seen.append((d, t)))
     assert written == 7  # 8 judgments, one without text
-    assert [n for n, _ in sampler.calls] == [3, 3, 1] and seen == [(0, 7), (3, 7), (6, 7), (7, 7)]
+    # batches hold whole items where they fit (the sampler shares an item's prompt prefix): the first
+    # item's 4 judgments split 3 + 1, the second's 3 go together, not 1 + 2 beside the first's leftover
+    assert [n for n, _ in sampler.calls] == [3, 1, 3] and seen == [(0, 7), (3, 7), (4, 7), (7, 7)]
     assert all(p.temperature == 0 and p.force_score for _, p in sampler.calls)  # greedy, forced by default
     ratings = store.meta_ratings("r", 1).sort("item_id", "sample_index")
     assert set(ratings["rater_model"]) == {"rater"}

@@ -55,6 +55,37 @@ def test_a_preempted_trial_does_not_flip_the_choice(monkeypatch):
     assert precision.resolve_precision("auto", "cpu") == "bf16"
 
 
+def test_probe_times_one_thread_and_restores_the_thread_count(monkeypatch):
+    import torch
+
+    seen = []
+
+    def rate(dtype, n, seconds):
+        seen.append(torch.get_num_threads())
+        return 1.0
+
+    monkeypatch.setattr(precision, "_matmul_rate", rate)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        precision.cpu_bf16_speedup()
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rate_counts_the_thread_cpu_time_only(monkeypatch):
+    """A trial preempted for a while is not slower in the thread's CPU time (what a busy machine does)."""
+    import time
+
+    import torch
+
+    clock = iter(range(0, 10_000))
+    monkeypatch.setattr(time, "thread_time", lambda: next(clock) * 0.001)  # 1 ms of CPU per call to the clock
+    monkeypatch.setattr(time, "perf_counter", lambda: pytest.fail("wall time must not be used"))
+    assert precision._matmul_rate(torch.float32, 8, 0.005) > 0
+
+
 def test_explicit_choices_env_override_and_other_devices(monkeypatch):
     monkeypatch.setattr(precision, "_matmul_rate", lambda *a: pytest.fail("an explicit choice must not probe"))
     assert precision.resolve_precision("fp32", "cpu") == "fp32"

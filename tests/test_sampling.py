@@ -19,6 +19,7 @@ from engine.sampling import (
     find_score_tokens,
     judgment_seed,
     make_sampler,
+    prefix_groups,
 )
 
 SHORT = [{"role": "user", "content": "Rate the response 'Paris' to 'Capital of France?'"}]
@@ -159,6 +160,65 @@ def test_progress_bar_does_not_change_output(sampler):
     a = sampler.generate([SHORT], 1, params, [[7]], progress=True)[0][0]
     b = sampler.generate([SHORT], 1, params, [[7]])[0][0]
     assert a.text == b.text
+
+
+# ------------------------------------------------------------------------------------ shared prompt prefixes
+
+
+def test_prefix_groups_pick_the_split_that_saves_most():
+    header = list(range(1000, 1040))  # 40 tokens every prompt has (system prompt, task description)
+    a, b = header + list(range(100)), header + list(range(200, 300))  # two items' 140-token prefixes
+
+    def p(prefix, *own):
+        return prefix + list(own)
+
+    ratings = [p(a, 1, 2), p(a, 3), p(a, 4, 5, 6), p(b, 7), p(b, 8, 9)]
+    # each item's 140 tokens once (saves 2 * 140 + 1 * 140), not the 40-token header for all five (4 * 40)
+    assert prefix_groups(ratings, 32) == [(140, [0, 1, 2]), (140, [3, 4])]
+    assert prefix_groups(ratings, 141) == []  # nothing shared is long enough to be worth a second forward
+    assert prefix_groups([p(a, 1), p(b, 2), p(a, 3)], 32) == [(40, [0, 1, 2])]  # runs are consecutive
+    # identical prompts keep one token of their own: its logits start the generation
+    assert prefix_groups([a, a, p(a, 1)], 32) == [(139, [0, 1, 2])]
+    assert prefix_groups([a], 32) == [] and prefix_groups([], 32) == []
+
+
+def _meta_like(item: str, feedback: str) -> list[dict]:
+    body = f"###Instruction:\n{item}\n###Response:\n" + f"{item} is answered here in some detail. " * 5
+    return [{"role": "user", "content": body + f"\n###Feedback to rate:\n{feedback}"}]
+
+
+def test_shared_prefix_prefill_equals_the_unshared_one(tiny_model_dir):
+    """Several ratings of one response (a meta-judge batch) compute their common prefix once, and every
+    sample (sampled per seed, greedy, forced score probabilities) is what the plain left-padded prefill gives."""
+    shared = TransformersSampler(str(tiny_model_dir), device="cpu")
+    plain = TransformersSampler.from_loaded(shared.model, shared.tokenizer)
+    plain.min_shared_prefix = None
+    prompts = [_meta_like("Sort a list", f) for f in ("Good. [RESULT] 4", "Too vague.", "It misses the edge case "
+                                                      "of an empty list entirely. [RESULT] 2")]
+    prompts += [_meta_like("Name a prime", f) for f in ("Correct.", "Wrong, 9 is not prime at all. [RESULT] 1")]
+    prompts += [SHORT]
+    ids = [shared.encode_prompt(m) for m in prompts]
+    groups = prefix_groups(ids, shared.min_shared_prefix)
+    assert [members for _, members in groups] == [[0, 1, 2], [3, 4]]
+    seeds = [[10 * i + j for j in range(2)] for i in range(len(prompts))]
+    for params in (SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, force_score=True),
+                   SamplingParams(temperature=0.0, max_new_tokens=10, force_score=True)):
+        shared.prefill_tokens = plain.prefill_tokens = 0
+        got, want = _flat(shared.generate(prompts, 2, params, seeds)), _flat(plain.generate(prompts, 2, params, seeds))
+        for g, w in zip(got, want):
+            assert (g.raw_text, g.score, g.forced, g.completion_tokens) == (w.raw_text, w.score, w.forced,
+                                                                            w.completion_tokens)
+            assert g.score_probs == pytest.approx(w.score_probs, abs=1e-5)
+        assert plain.prefill_tokens == sum(len(i) for i in ids)
+        assert shared.prefill_tokens == sum(len(i) for i in ids) - sum((len(m) - 1) * n for n, m in groups)
+
+
+def test_sliding_window_models_do_not_share_prefixes(sampler, monkeypatch):
+    assert sampler._can_share_prefix()
+    n = sampler.model.config.num_hidden_layers
+    monkeypatch.setattr(sampler.model.config, "sliding_window", 16, raising=False)
+    monkeypatch.setattr(sampler.model.config, "layer_types", ["sliding_attention"] * n, raising=False)
+    assert not sampler._can_share_prefix()  # its window counts cache slots: a pad between parts would shift it
 
 
 # ------------------------------------------------------------------------------ scripted stub: state machine
