@@ -10,7 +10,9 @@ output (text, score) is the same. The last line is one JSON object with the rati
     python bench/prefix_sharing.py                      # 4 items x 5 ratings, 16-token notes; 8 eval items
     python bench/prefix_sharing.py --items 6 --prompt-tokens 900
 
-Run it on an otherwise idle machine: the ratio of two timings taken while another job shares the cores
+In bf16 "same outputs" can be false with no fault in the sharing: bf16 rounds differently with the batch's
+shapes, so the plain prefill of one batch or one prompt at a time differs too; --precision fp32 shows them
+equal. Run it on an otherwise idle machine: the ratio of two timings taken while another job shares the cores
 means little.
 """
 
