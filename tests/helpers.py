@@ -3,6 +3,7 @@
 - `cli(ws, ...)`: `selfrat --workspace WS ...` in this process, asserting its exit code.
 - `strict_json(text)`: json.loads that refuses NaN / Infinity.
 - `wait_until(predicate, ...)`: poll until the predicate holds, or fail the test.
+- `kill_run_part_way(ws, cfg, ...)`: `selfrat run` as a child process, SIGKILLed once its progress is part way.
 - `tiny_run_config(model_dir, ...)`: a run config small enough for the tiny random Llama on 2 CPU cores;
   `merged(cfg, ...)` overrides keys and sections of one.
 - `fake_sampled_run(root, run_id, script, ...)`: the demo dataset and a run whose iteration 1 a scripted judge
@@ -12,7 +13,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +28,7 @@ from typer.testing import CliRunner
 from engine.config import parse_run_config
 from engine.workspace import Workspace
 from selfrat.cli import app
+from store import Store
 
 if TYPE_CHECKING:
     from engine.iteration import Runner
@@ -55,6 +62,32 @@ def wait_until(predicate, timeout_s: float = 120, what: str = "condition", every
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def kill_run_part_way(ws: Path, cfg_path: Path, run_id: str, progress: Callable[[Store], int],
+                      part_way: Callable[[int], bool], timeout_s: float = 180) -> int:
+    """Start `selfrat run CFG --run-id RUN` on workspace `ws` as a child process, read `progress(store)`
+    while it writes (a read the job's lock or migration refuses is retried), and SIGKILL it as soon as
+    `part_way(progress)` holds, or when it exits or `timeout_s` passes. Returns the last progress read: the
+    test asserts it was part way (a kill too early or too late tests nothing)."""
+    env = {**os.environ, "SELFRAT_HOME": str(ws)}
+    proc = subprocess.Popen([sys.executable, "-m", "selfrat", "run", str(cfg_path), "--run-id", run_id],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store, seen = Store.in_workspace(ws), 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                seen = progress(store)
+            except Exception:  # the database is busy, not migrated yet, or the run row not written yet
+                continue
+            if part_way(seen):
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    return seen
 
 
 def tiny_run_config(model_dir: Path, **over) -> dict:

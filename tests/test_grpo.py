@@ -5,11 +5,6 @@ GRPO iteration end to end through `selfrat run`, and resume after a SIGKILL duri
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +16,7 @@ from engine.demo import demo_data_path
 from engine.grpo import Rollout, grpo_rows, plan_rows, plan_steps, rollout_judgments
 from store import Store, StoreError
 
-from helpers import cli, tiny_run_config
+from helpers import cli, kill_run_part_way, tiny_run_config
 
 
 def demo_items(n: int) -> list[dict]:
@@ -237,24 +232,9 @@ def test_resume_after_sigkill_during_grpo_training(demo_ws, tiny_model_dir, tmp_
     cfg["evaluate_initial"] = False  # straight to training
     cfg_path = tmp_path / "grpo.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "SELFRAT_HOME": str(ws)}
-    proc = subprocess.Popen([sys.executable, "-m", "selfrat", "run", str(cfg_path), "--run-id", "k"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = kill_run_part_way(ws, cfg_path, "k", lambda store: store.rollouts("k", 1).height, bool, timeout_s=240)
+    assert 0 < seen < 4, f"never caught GRPO half-way (saw {seen} rollouts)"
     store = Store.in_workspace(ws)
-    deadline, seen = time.monotonic() + 240, 0
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                seen = store.rollouts("k", 1).height
-            except Exception:  # the database may be busy or not migrated yet
-                continue
-            if seen:
-                break
-        assert 0 < seen < 4, f"never caught GRPO half-way (saw {seen} rollouts)"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
     assert store.run("k")["status"] == "running"  # killed hard: nothing got to mark it
     assert store.iteration("k", 1)["train_status"] == "running"
     assert not (ws / "runs" / "k" / "checkpoints" / "iter-1").exists()

@@ -5,11 +5,6 @@ what is wrong."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -18,7 +13,7 @@ import yaml
 from engine.demo import demo_data_path
 from store import Store
 
-from helpers import cli, strict_json, tiny_run_config
+from helpers import cli, kill_run_part_way, strict_json, tiny_run_config
 
 
 def test_full_loop_two_iterations_status_and_export(demo_chat_ws, tiny_model_dir, tmp_path):
@@ -112,26 +107,13 @@ def test_resume_after_sigkill_during_sampling(demo_chat_ws, tiny_model_dir, tmp_
                       sampling={"n": n, "batch_size": 1, "max_new_tokens": 48})
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "SELFRAT_HOME": str(ws)}
-    proc = subprocess.Popen([sys.executable, "-m", "selfrat", "run", str(cfg_path), "--run-id", "killed"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def written(store) -> int:
+        its = store.run_status("killed")["iterations"]
+        return its[1]["train_judgments"] if len(its) > 1 else 0
+
+    seen = kill_run_part_way(ws, cfg_path, "killed", written, lambda w: n * 3 <= w < n * items)
+    assert n * 3 <= seen < n * items, f"never caught sampling half-way (saw {seen})"
     store = Store.in_workspace(ws)
-    deadline = time.monotonic() + 180
-    written = 0
-    try:
-        while time.monotonic() < deadline:  # `status` reads while the job writes
-            time.sleep(0.3)
-            try:
-                its = store.run_status("killed")["iterations"]
-            except Exception:  # the run row may not exist yet
-                continue
-            written = its[1]["train_judgments"] if len(its) > 1 else 0
-            if n * 3 <= written < n * items:
-                break
-        assert n * 3 <= written < n * items, f"never caught sampling half-way (saw {written})"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
     assert store.run("killed")["status"] == "running"  # killed hard: nothing got to mark it
     cli(ws, "resume", "killed")
     judgments = store.judgments("killed", 1, "train")
