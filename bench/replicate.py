@@ -929,6 +929,7 @@ def project(costs: dict, data: Path, s: dict) -> dict:
     over = costs["overhead_s"]
     sel = {name: chosen for name, (_r, chosen, _i) in selections(data, s).items()}
     L, ce, cs, N = s["max_length"], s["eval_new_tokens"], s["max_new_tokens"], s["baseline_n"]
+    meta_own = _meta_suffix_chars() / ratio  # tokens of a meta prompt after the feedback's heading, bar the feedback
 
     def tok(c: float) -> float:
         return c / ratio
@@ -962,8 +963,8 @@ def project(costs: dict, data: Path, s: dict) -> dict:
         "baseline raw": sum(a * p + b * ce for p in abs_p),
         "baselines self-consistency / best-of-N sampling": sum(a * p + N * b * ce for p in abs_p),
         # an item's N ratings share its prompt up to the feedback (computed once), then feedback + meta rubric
-        "baseline best-of-N meta-judge": sum(a * (p + N * (ce + tok(_meta_suffix_chars())))
-                                             + N * b * s["meta_new_tokens"] for p in abs_p),
+        "baseline best-of-N meta-judge": sum(a * (p + N * (ce + meta_own)) + N * b * s["meta_new_tokens"]
+                                             for p in abs_p),
     }
     for k in (1, 2):
         out[f"iteration {k} sample"] = sample(train_p[(k - 1) * m:k * m])

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -352,14 +353,6 @@ class _Row:
 # ---------------------------------------------------------------------------------------- transformers
 
 
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 def prefix_groups(prompt_ids: Sequence[Sequence[int]], min_shared: int) -> list[tuple[int, list[int]]]:
     """Runs of consecutive prompts that share a token prefix worth computing once: [(prefix length,
     member indices)], [] when no sharing saves anything.
@@ -375,7 +368,7 @@ def prefix_groups(prompt_ids: Sequence[Sequence[int]], min_shared: int) -> list[
         best[j], cut[j] = best[j - 1], j - 1  # prompt j-1 alone
         p = len(prompt_ids[j - 1]) - 1
         for i in range(j - 2, -1, -1):  # the run i..j-1
-            p = min(p, _lcp(prompt_ids[i], prompt_ids[j - 1]), len(prompt_ids[i]) - 1)
+            p = min(p, len(os.path.commonprefix([prompt_ids[i], prompt_ids[j - 1]])), len(prompt_ids[i]) - 1)
             if p < min_shared:
                 break  # a longer run only shares less
             saved = best[i] + (j - 1 - i) * p
@@ -608,34 +601,29 @@ class TransformersSampler(ChatJudge):
         pads inside a row are masked and position ids count real tokens only, so every token sees exactly
         what it sees unshared. Otherwise: one left-padded batch, one forward."""
         groups = prefix_groups(prompt_ids, self.min_shared_prefix) if self._can_share_prefix() else []
-        width = max(len(p) for p in prompt_ids)
-        if not groups:
-            ids, mask = self._left_pad(prompt_ids)  # [B, L] each
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: real tokens at 0..len-1
-            cache = _preallocated_cache(self.model.config, width + room)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                             logits_to_keep=1, **{self._cache_kw: cache})
-            self.prefill_tokens += int(mask.sum())
-            return out.logits[:, -1, :].float(), cache, mask, pos
         shared = {i: length for length, members in groups for i in members}  # row -> its prefix length
-        prefixes = [prompt_ids[members[0]][:length] for length, members in groups]
-        p_ids, p_mask = self._left_pad(prefixes)  # [G, Wp]
-        rests = [p[shared.get(i, 0):] for i, p in enumerate(prompt_ids)]
-        r_ids, r_mask = self._left_pad(rests)  # [B, Wr]
-        cache = _preallocated_cache(self.model.config, p_ids.shape[1] + r_ids.shape[1] + room)
-        self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                   use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        # row -> its group's cache row; a row with no shared prefix takes any (all of it masked for the row)
-        group_of = {i: g for g, (_length, members) in enumerate(groups) for i in members}
-        index = torch.tensor([group_of.get(i, 0) for i in range(len(prompt_ids))], device=self.device)
-        cache.batch_select_indices(index)
-        p_mask = p_mask[index] * torch.tensor([i in shared for i in range(len(prompt_ids))],
-                                              device=self.device)[:, None]
-        mask = torch.cat([p_mask, r_mask], dim=1)  # [B, Wp + Wr], pads at the left and between the parts
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=r_ids, attention_mask=mask, position_ids=pos[:, p_ids.shape[1]:],
+        r_ids, r_mask = self._left_pad([p[shared.get(i, 0):] for i, p in enumerate(prompt_ids)])  # [B, Wr]
+        mask, prefix_tokens = r_mask, 0
+        if groups:
+            prefixes = [prompt_ids[members[0]][:length] for length, members in groups]
+            p_ids, p_mask = self._left_pad(prefixes)  # [G, Wp]
+            cache = _preallocated_cache(self.model.config, p_ids.shape[1] + r_ids.shape[1] + room)
+            self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            # row -> its group's cache row; a row with no shared prefix takes any (all of it masked for the row)
+            group_of = {i: g for g, (_length, members) in enumerate(groups) for i in members}
+            index = torch.tensor([group_of.get(i, 0) for i in range(len(prompt_ids))], device=self.device)
+            cache.batch_select_indices(index)
+            p_mask = p_mask[index] * torch.tensor([i in shared for i in range(len(prompt_ids))],
+                                                  device=self.device)[:, None]
+            mask = torch.cat([p_mask, r_mask], dim=1)  # [B, Wp + Wr], pads at the left and between the parts
+            prefix_tokens = sum(len(p) for p in prefixes)
+        else:
+            cache = _preallocated_cache(self.model.config, r_ids.shape[1] + room)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens at 0..len-1, whatever pads lie between
+        out = self.model(input_ids=r_ids, attention_mask=mask, position_ids=pos[:, -r_ids.shape[1]:],
                          use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        self.prefill_tokens += int(p_mask.new_tensor([len(p) for p in prefixes]).sum() + r_mask.sum())
+        self.prefill_tokens += prefix_tokens + int(r_mask.sum())
         return out.logits[:, -1, :].float(), cache, mask, pos
 
     def _can_share_prefix(self) -> bool:
