@@ -5,6 +5,7 @@
     python bench/replicate.py                      # the full configuration (hours on 2 CPU cores)
     python bench/replicate.py --resume             # continue it after an interruption (Ctrl-C, SIGTERM, a crash)
     python bench/replicate.py --report-only        # rewrite the report from what the workspace holds
+    python bench/replicate.py --follow-up --dpo-lr 1e-4 --follow-up-iterations 1   # the same run, one change
 
 --quick takes ~3 min on 2 idle cores, several times that when other jobs share them; its figures mean
 nothing (n of 1-2 per set), it proves the script and measures the unit costs --estimate projects from.
@@ -36,6 +37,13 @@ interrupted run stopped (a stage half done picks up where its stored rows end); 
 over sessions in WS/replicate-timings.json. The sizes of a run are fixed when it starts (WS/replicate-setup.json;
 the datasets hold exactly the selected items): a start without --resume on a workspace that holds a run is
 refused, and --resume keeps the stored sizes whatever the flags say.
+
+Follow-up (`--follow-up` with the loop's size flags, e.g. --dpo-lr): when the loop does not beat J_SFT, one
+change the stored data points to, tried in the same workspace as run `replicate-follow-up`: it starts from
+the same J_SFT, samples the same train slices with the same seeds (its iteration 1 curates from the first
+run's judgments again; the report counts how many are identical) and is evaluated on the same items, so table
+2 pairs its iterations with J_SFT and with the first run's. One follow-up per workspace; both runs are
+reported.
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ from engine.workspace import Workspace  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 RUN_ID = "replicate"
 SINGLE = f"{RUN_ID}-single-stage"
+FOLLOW = f"{RUN_ID}-follow-up"
+RUNS = (RUN_ID, SINGLE, FOLLOW)
 SETUP_FILE = "replicate-setup.json"
 TIMINGS_FILE = "replicate-timings.json"
 # role -> file under --data
@@ -103,6 +113,14 @@ SIZE_HELP = {
     "bootstrap": "bootstrap resamples of the stored 95%% intervals",
     "compare_bootstrap": "bootstrap resamples of the paired differences",
 }
+
+
+# The sizes a follow-up run may change (the loop's own); their place in the stored run config. The seed and
+# the evaluation stay the first run's, so the two runs' iterations are judged on the same items.
+FOLLOW_SIZES = {"items_per_iteration": ("train_items_per_iteration",), "n": ("sampling", "n"),
+                "pairs_per_item": ("curation", "max_pairs_per_item"), "min_margin": ("curation", "min_margin"),
+                "dpo_lr": ("training", "learning_rate"), "max_new_tokens": ("sampling", "max_new_tokens"),
+                "max_length": ("training", "max_length")}
 
 
 class TooFew(ValueError):
@@ -367,7 +385,7 @@ def run_experiment(ws: Workspace, clock: Timings, sampler_factory=None, refresh:
     timed_runner(ws, SINGLE, clock, **kw).run_all()
     run_single_stage(ws, RUN_ID, sampler_factory=sampler_factory, echo=False)  # done: copies its figures
     if refresh:  # every judgment and meta rating is stored, so evaluating again only recomputes figures
-        for rid in (RUN_ID, SINGLE):
+        for rid in [r for r in RUNS if r in runs_in(store)]:
             runner = Runner(ws, rid, sampler_factory=sampler_factory, echo=echo)
             for it in store.run_status(rid)["iterations"]:
                 if it["metrics"]:  # evaluated before (the single-stage child skips its seed)
@@ -375,7 +393,47 @@ def run_experiment(ws: Workspace, clock: Timings, sampler_factory=None, refresh:
         run_single_stage(ws, RUN_ID, sampler_factory=sampler_factory, echo=False)
 
 
-# ====================================================================== table 1: each judge
+def follow_up_config(store, changes: dict, iterations: int):
+    """The follow-up run: the first run's config (seeds, items, evaluation) with `changes` (FOLLOW_SIZES keys)
+    applied, started from its J_SFT (no seed SFT, no seed evaluation, no baselines). Iteration k samples the
+    same train slice with the same seed as the first run's iteration k, so its iteration 1 curates from the
+    same judgments; what differs first is what the change touches."""
+    from engine.config import RunConfig
+
+    unknown = sorted(set(changes) - set(FOLLOW_SIZES))
+    if unknown:
+        raise ValueError(f"a follow-up changes only the loop's sizes ({', '.join(sorted(FOLLOW_SIZES))}); "
+                         f"not {', '.join(unknown)}: those would judge other items or another seed")
+    if not changes:
+        raise ValueError("a follow-up needs a change: give it as a size flag, e.g. --dpo-lr 1e-4")
+    data = copy.deepcopy(store.run(RUN_ID)["config"])
+    for key, value in changes.items():
+        *parents, leaf = FOLLOW_SIZES[key]
+        target = data
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    sft = store.iteration(RUN_ID, 0)
+    if sft["train_status"] != "done" or not sft["checkpoint"]:
+        raise ValueError(f"the first run's seed SFT is not done yet (status {sft['train_status']}): a follow-up "
+                         "starts from its J_SFT")
+    data.update(model=sft["checkpoint"], sft=None, evaluate_initial=False, iterations=iterations)
+    data["evaluation"]["baselines"] = []
+    return RunConfig.model_validate(data)
+
+
+def follow_up_label(changes: dict) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(changes.items()))
+
+
+def run_follow_up(ws: Workspace, clock: Timings, follow: dict, sampler_factory=None, echo: bool = True) -> None:
+    """Create (first time) and run the follow-up (`follow`: {"changes", "iterations"}) to its end, or resume it."""
+    from engine.iteration import create_run
+
+    store = ws.store()
+    if FOLLOW not in runs_in(store):
+        create_run(ws, follow_up_config(store, follow["changes"], follow["iterations"]), FOLLOW)
+    timed_runner(ws, FOLLOW, clock, sampler_factory=sampler_factory, echo=echo).run_all()
 
 
 # label, compare spec, (run, iteration, metric prefix) of its stored figures, spec of its A/B judge
@@ -394,6 +452,18 @@ JUDGES = [
     ("iteration 2", f"{RUN_ID}:2", (RUN_ID, 2, ""), f"{RUN_ID}:2:relative"),
 ]
 ITERATIONS = [j for j in JUDGES if j[0].startswith("iteration")]
+
+
+def judges_of(setup: dict) -> list[tuple]:
+    """JUDGES, and the follow-up run's iterations when the workspace has one."""
+    follow = setup.get("follow_up")
+    if not follow:
+        return list(JUDGES)
+    label = follow_up_label(follow["changes"])
+    return [*JUDGES, *[(f"follow-up iteration {k} ({label})", f"{FOLLOW}:{k}", (FOLLOW, k, ""),
+                        f"{FOLLOW}:{k}:relative") for k in range(1, follow["iterations"] + 1)]]
+
+
 # (column title, dataset, metric, with interval)
 COLUMNS = [
     ("CIA Pearson [95% CI]", "cia-heldout", "pearson", True),
@@ -420,7 +490,7 @@ def _fmt(v, signed: bool = False) -> str:
 
 def stored_metrics(store) -> dict[tuple[str, int], dict]:
     out = {}
-    for rid in (RUN_ID, SINGLE):
+    for rid in RUNS:
         if rid in runs_in(store):
             for it in store.run_status(rid)["iterations"]:
                 out[(rid, it["index"])] = it["metrics"]
@@ -441,13 +511,13 @@ def relative_interval(store, spec: str, dataset: str, bootstrap: int, seed: int)
     return bootstrap_mean(correct, bootstrap, seed) if correct and bootstrap > 0 else None
 
 
-def judge_table(store, bootstrap: int = 1000) -> list[dict]:
+def judge_table(store, bootstrap: int = 1000, judges: list[tuple] = JUDGES) -> list[dict]:
     """Table 1's records: per judge, per column the value, its interval and n (None where not stored). The
     A/B accuracy's interval is computed here (`relative_interval`, the evaluation's seed)."""
     stored = stored_metrics(store)
     seed = int(store.run(RUN_ID)["config"]["evaluation"]["seed"]) if RUN_ID in runs_in(store) else 0
     records = []
-    for label, spec, (rid, k, prefix), rel in JUDGES:
+    for label, spec, (rid, k, prefix), rel in judges:
         metrics = stored.get((rid, k), {})
         rec = {"judge": label, "spec": spec, "figures": {}}
         for _title, dataset, metric, _ci in COLUMNS:
@@ -509,11 +579,23 @@ def excludes_0(figure: dict, significant) -> bool:
     return significant(figure) and lo is not None and hi is not None and max(abs(lo), abs(hi)) > 1e-9
 
 
-def paired_table(store, bootstrap: int, seed: int = 0) -> list[dict]:
-    """Table 2's records: each iteration (B) against J_SFT, every baseline and (iteration 2) iteration 1 (A),
-    per eval set and mode: {"b", "a", "b_spec", "a_spec", "cells": {"<dataset>:<mode>:<metric>": figure or
-    None}}, a figure being compare_judges' {a, b, delta, lo, hi, p, n} plus "excludes_0". A/B cells exist
-    for judges with A/B judgments (J_SFT, single-stage DPO, the iterations)."""
+def paired_plan(judges: list[tuple]) -> list[tuple[tuple, tuple]]:
+    """(B, A) judges of table 2: each iteration against J_SFT, every baseline and (iteration 2) iteration 1; a
+    follow-up's iteration k against J_SFT, the first run's iteration k and its own iteration k - 1."""
+    plan = [(b, a) for b in ITERATIONS for a in JUDGES if a[1] != b[1] and a[0] != "iteration 2"]
+    by = {j[0]: j for j in JUDGES}
+    follow = judges[len(JUDGES):]
+    for i, b in enumerate(follow):
+        k = int(b[1].rsplit(":", 1)[1])
+        plan += [(b, by["J_SFT (seed, greedy)"]), (b, by[f"iteration {k}"]), *([(b, follow[i - 1])] if i else [])]
+    return plan
+
+
+def paired_table(store, bootstrap: int, seed: int = 0, judges: list[tuple] = JUDGES) -> list[dict]:
+    """Table 2's records (the pairs of `paired_plan`), per eval set and mode: {"b", "a", "b_spec", "a_spec",
+    "cells": {"<dataset>:<mode>:<metric>": figure or None}}, a figure being compare_judges' {a, b, delta, lo,
+    hi, p, n} plus "excludes_0". A/B cells exist for judges with A/B judgments (J_SFT, single-stage DPO, the
+    iterations)."""
     from engine.compare import compare_judges, significant
     from store.errors import UsageError
 
@@ -530,19 +612,16 @@ def paired_table(store, bootstrap: int, seed: int = 0) -> list[dict]:
         return cache[key]
 
     records = []
-    for b_label, b_spec, _, b_rel in ITERATIONS:
-        for a_label, a_spec, _, a_rel in JUDGES:
-            if a_spec == b_spec or a_label == "iteration 2":  # iteration 2 is compared with iteration 1
-                continue
-            cells = {}
-            for _title, dataset, metric, ab in PAIRED:
-                a, b = (a_rel, b_rel) if ab else (a_spec, b_spec)
-                figure = compare(a, b, dataset) if a and b else None
-                f = (figure or {}).get(metric)
-                cells[f"{dataset}:{'relative' if ab else 'absolute'}:{metric}"] = (
-                    None if f is None else {**{k: _num(v) if k != "n" else v for k, v in f.items()},
-                                            "excludes_0": excludes_0(f, significant)})
-            records.append({"b": b_label, "a": a_label, "b_spec": b_spec, "a_spec": a_spec, "cells": cells})
+    for (b_label, b_spec, _, b_rel), (a_label, a_spec, _, a_rel) in paired_plan(judges):
+        cells = {}
+        for _title, dataset, metric, ab in PAIRED:
+            a, b = (a_rel, b_rel) if ab else (a_spec, b_spec)
+            figure = compare(a, b, dataset) if a and b else None
+            f = (figure or {}).get(metric)
+            cells[f"{dataset}:{'relative' if ab else 'absolute'}:{metric}"] = (
+                None if f is None else {**{k: _num(v) if k != "n" else v for k, v in f.items()},
+                                        "excludes_0": excludes_0(f, significant)})
+        records.append({"b": b_label, "a": a_label, "b_spec": b_spec, "a_spec": a_spec, "cells": cells})
     return records
 
 
@@ -628,12 +707,26 @@ def _cap_room(store, rid: str, k: int, cfg: dict) -> dict:
             "items_at_cap": int((np.minimum(possible, cap) == cap).sum())}
 
 
+def same_as_first_run(store, k: int) -> dict:
+    """How many of the follow-up's iteration-k train judgments (item, sample, text) and pairs (item, chosen and
+    rejected sample) are the first run's: iteration 1 samples with the same judge, seed and items."""
+    def read(rid):
+        j = store.judgments(rid, k, "train").select("judgment_id", "item_id", "side", "sample_index", "raw_text")
+        key = {r["judgment_id"]: (r["item_id"], r["side"], r["sample_index"]) for r in j.iter_rows(named=True)}
+        pairs = {(key.get(r["chosen_id"]), key.get(r["rejected_id"]))
+                 for r in store.pairs(rid, k).iter_rows(named=True)}
+        return {(r["item_id"], r["side"], r["sample_index"], r["raw_text"]) for r in j.iter_rows(named=True)}, pairs
+
+    (fj, fp), (oj, op) = read(FOLLOW), read(RUN_ID)
+    return {"judgments": len(fj & oj), "judgments_of": len(fj), "pairs": len(fp & op), "pairs_of": len(fp)}
+
+
 def diagnostics(store, ws: Workspace) -> dict:
     """Per run and iteration, from the stored data: the seed SFT, curation, DPO, score distributions."""
     out: dict = {}
     names = store.datasets()["name"].to_list()
     cia = set(store.items("cia-heldout")["item_id"].to_list()) if "cia-heldout" in names else set()
-    for rid in (RUN_ID, SINGLE):
+    for rid in RUNS:
         if rid not in runs_in(store):
             continue
         run = store.run(rid)
@@ -656,6 +749,8 @@ def diagnostics(store, ws: Workspace) -> dict:
                 d["curation"].update(_cap_room(store, rid, k, cfg))
             if k > 0:
                 d["train_samples"] = _scores(store.judgments(rid, k, "train"))
+                if rid == FOLLOW and d["train_samples"]["n"]:
+                    d["same_as_first_run"] = same_as_first_run(store, k)
             ev = store.judgments(rid, k, "eval")
             if ev.height:
                 d["eval_cia"] = _scores(ev.filter(pl.col("item_id").is_in(list(cia))))
@@ -717,6 +812,11 @@ def diagnostics_markdown(diag: dict) -> str:
                                  f"{_fmt(sc.get('mean_score'))}, entropy {_fmt(sc.get('mean_entropy'))} nats, "
                                  f"parsed {_fmt(sc.get('parse_ok'))}, forced {_fmt(sc.get('forced'))}, "
                                  f"{_fmt(sc.get('mean_completion_tokens'))} tokens")
+            same = d.get("same_as_first_run")
+            if same:
+                parts.append(f"the same as the first run's iteration {k}: {same['judgments']} of "
+                             f"{same['judgments_of']} sampled train judgments, {same['pairs']} of "
+                             f"{same['pairs_of']} pairs")
             if parts:
                 lines.append(f"- **{name}**:\n" + "\n".join(f"  - {p}" for p in parts))
     return "\n".join(lines)
@@ -746,7 +846,7 @@ def machine() -> dict:
 
 def stored_precisions(store) -> dict:
     out = {}
-    for rid in (RUN_ID, SINGLE):
+    for rid in RUNS:
         if rid in runs_in(store):
             status = store.run_status(rid)
             out[rid] = {str(it["index"]): it["precision"] for it in status["iterations"]}
@@ -764,6 +864,8 @@ STAGE_ROWS = [  # (label, run, key)
     ("  metrics, loading, rest", RUN_ID, "0:evaluate:rest"),
     *[(f"iteration {k} {s}", RUN_ID, f"{k}:{s}") for k in (1, 2) for s in ("sample", "curate", "train", "evaluate")],
     *[(f"baseline single-stage DPO {s}", SINGLE, f"1:{s}") for s in ("sample", "curate", "train", "evaluate")],
+    *[(f"follow-up iteration {k} {s}", FOLLOW, f"{k}:{s}") for k in (1, 2) for s in ("sample", "curate", "train",
+                                                                                   "evaluate")],
 ]
 
 
@@ -776,6 +878,8 @@ def timings_markdown(clock: Timings) -> tuple[str, float]:
     rows, total = ["| stage | wall time |", "|---|---|"], 0.0
     for label, rid, key in [("import and selection of the data", RUN_ID, "import"), *STAGE_ROWS]:
         v = clock.get(rid, key)
+        if rid == FOLLOW and v is None:  # no follow-up (or not that far)
+            continue
         if ":" not in key.partition(":")[2] and v:
             total += v
         rows.append(f"| {label} | {_dur(v)} |")
@@ -1041,7 +1145,15 @@ def sizes_line(s: dict, setup: dict) -> str:
             f"{' and A/B in both orders' if s['relative'] else ''}. Baselines: raw, length, expected score, "
             f"self-consistency and best-of-N with N = {s['baseline_n']}, single-stage DPO. Intervals: "
             f"{s['bootstrap']} bootstrap resamples (table 1), {s['compare_bootstrap']} paired (table 2); max length "
-            f"{s['max_length']}; items selected by `{s['selection']}`.")
+            f"{s['max_length']}; items selected by `{s['selection']}`." + follow_up_line(setup))
+
+
+def follow_up_line(setup: dict) -> str:
+    follow = setup.get("follow_up")
+    if not follow:
+        return ""
+    return (f"\n\nFollow-up run (`{FOLLOW}`): {follow['iterations']} iteration(s) from the same J_SFT on the same "
+            f"train slices, seeds and evaluation, with one change: {follow_up_label(follow['changes'])}.")
 
 
 class ReadCache:
@@ -1074,8 +1186,9 @@ def report(ws: Workspace, out: Path, setup: dict, clock: Timings, preset: str, d
     store = ReadCache(ws.store())
     s = setup["sizes"]
     status = store.run_status(RUN_ID) if RUN_ID in runs_in(store) else {"status": "not started", "iterations": []}
-    records = judge_table(store, s["bootstrap"])
-    paired = paired_table(store, s["compare_bootstrap"])
+    judges = judges_of(setup)
+    records = judge_table(store, s["bootstrap"], judges)
+    paired = paired_table(store, s["compare_bootstrap"], judges=judges)
     diag = diagnostics(store, ws)
     times, total = timings_markdown(clock)
     mach = machine() if with_machine else {}
@@ -1173,6 +1286,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
                        help=f"{SIZE_HELP[key]} (full {value}, quick {PRESETS['quick'][key]})")
     p.add_argument("--no-relative", action="store_true", help="Skip the A/B mode on RewardBench.")
+    p.add_argument("--follow-up", action="store_true",
+                   help="Run (or resume) the workspace's follow-up: iterations from the same J_SFT, train slices, "
+                        "seeds and evaluation with the loop sizes given as flags changed (e.g. --dpo-lr 1e-4), "
+                        "reported beside the first run. It needs the first run's seed SFT done.")
+    p.add_argument("--follow-up-iterations", type=int, default=2, help="iterations of the follow-up (default 2)")
     p.add_argument("--model", default="embedded", help="The judge to start from (default: the embedded SmolLM2).")
     return p.parse_args(argv)
 
@@ -1253,6 +1371,8 @@ def main(argv: list[str] | None = None, sampler_factory=None) -> dict:
     if a.report_only or a.refresh:
         if not has_run:
             die(f"{workspace} holds no replication run (nothing to report or refresh)")
+    elif a.follow_up:
+        pass  # checked below
     elif a.resume:
         if not setup_path.is_file():
             die(f"nothing to resume in {workspace} (no {SETUP_FILE}): start a run without --resume")
@@ -1264,12 +1384,28 @@ def main(argv: list[str] | None = None, sampler_factory=None) -> dict:
         die(f"{workspace} holds datasets of an earlier replication (an older version of this script?): start "
             "afresh with another --workspace")
     if not a.report_only:
-        for rid in (RUN_ID, SINGLE):
+        for rid in RUNS:
             run = store.run(rid) if rid in runs_in(store) else {}
             pid = run.get("pid")
             if run.get("status") == "running" and pid and pid != os.getpid() and _alive(pid):
                 die(f"process {pid} is running {rid} in {workspace} now: wait for it, or stop it (its stages "
                     "resume from where they stop)")
+    if a.follow_up:
+        if not setup_path.is_file() or not has_run:
+            die(f"{workspace} holds no replication run to follow up: run the replication first")
+        setup = json.loads(setup_path.read_text())
+        follow = {"changes": given, "iterations": a.follow_up_iterations}
+        stored = setup.get("follow_up")
+        if stored and given and stored != follow:
+            die(f"{workspace} holds a follow-up already ({follow_up_label(stored['changes'])}, {stored['iterations']} "
+                "iteration(s)); continue it with --follow-up and no size flags, or use another workspace")
+        if not stored:
+            try:
+                follow_up_config(store, given, a.follow_up_iterations)  # refuse a bad change before storing it
+            except ValueError as e:
+                die(str(e))
+            setup["follow_up"] = follow
+            setup_path.write_text(json.dumps(setup, indent=1))
     clock = Timings(ws.root / TIMINGS_FILE)
     with contextlib.redirect_stdout(sys.stderr):  # stdout: the one JSON line
         if setup_path.is_file() or not has_run:
@@ -1280,16 +1416,20 @@ def main(argv: list[str] | None = None, sampler_factory=None) -> dict:
         else:  # a run made by an older version of this script (no setup file): report what it holds
             setup = {"preset": "?", "sizes": {**sizes, "selection": "?"}, "datasets": {}}
         differ = {k: (setup["sizes"].get(k), v) for k, v in given.items() if setup["sizes"].get(k) != v}
-        if differ and (a.resume or a.report_only or a.refresh):
+        if differ and (a.resume or a.report_only or a.refresh) and not a.follow_up:
             print(f"replicate: the stored run keeps its sizes; ignored (stored, given): {differ}", file=sys.stderr)
         if not a.report_only:
             from store.errors import Cancelled
 
             try:
-                run_experiment(ws, clock, sampler_factory=sampler_factory, refresh=a.refresh)
+                if a.follow_up:
+                    run_follow_up(ws, clock, setup["follow_up"], sampler_factory=sampler_factory)
+                else:
+                    run_experiment(ws, clock, sampler_factory=sampler_factory, refresh=a.refresh)
             except Cancelled as e:
                 clock.save()
-                again = " ".join(["python bench/replicate.py", *(["--quick"] if a.quick else []), "--resume",
+                again = " ".join(["python bench/replicate.py", *(["--quick"] if a.quick else []),
+                                  "--follow-up" if a.follow_up else "--resume",
                                   "--workspace", str(workspace), "--out", str(out)])
                 die(f"interrupted ({e}); every finished stage is stored. Continue with: {again}", code=130)
         clock.data["sessions"].append({"start": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),

@@ -241,3 +241,77 @@ def test_expected_pairs_matches_the_gold_curation_rule(rep):
     assert rep.expected_pairs(4, 2, 0.5, 0.5) == pytest.approx(
         sum(__import__("math").comb(4, m) * 0.5**4 * min(2, m, 4 - m) for m in range(5)))
     assert rep.expected_pairs(4, 1, 1.0, 0.0) == 0
+
+
+def test_follow_up_changes_one_size_from_the_same_seed_and_is_reported_beside_the_first_run(built, tmp_path,
+                                                                                               capsys):
+    import shutil
+
+    from engine.iteration import create_run
+    from engine.sampling import FakeSampler
+    from engine.workspace import Workspace
+
+    rep, ws, _, _, data = built
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root)  # the module's workspace stays as the other tests read it
+    copy_ws = Workspace.open(root)
+    store = copy_ws.store()
+    argv = ["--follow-up", "--workspace", str(root), "--out", str(tmp_path / "out"), "--data", str(data)]
+
+    # a change that would judge other items is refused, and nothing is stored
+    with pytest.raises(SystemExit) as e:
+        rep.main([*argv, "--cia-items", "5"])
+    assert e.value.code == 2 and "not cia_items" in capsys.readouterr().err
+    assert "follow_up" not in json.loads((root / rep.SETUP_FILE).read_text())
+    assert rep.FOLLOW not in rep.runs_in(store)
+
+    # the follow-up: the first run's config with only the change, from its J_SFT, without seed stages
+    first = store.run(rep.RUN_ID)["config"]
+    cfg = rep.follow_up_config(store, {"dpo_lr": 1e-4}, 2).model_dump(mode="json")
+    assert cfg["training"]["learning_rate"] == 1e-4 and cfg["model"] == "fake/sft" and cfg["sft"] is None
+    assert cfg["evaluation"]["baselines"] == [] and not cfg["evaluate_initial"]
+    for section in ("sampling", "curation", "train_items_per_iteration", "train_dataset", "eval_datasets"):
+        assert cfg[section] == first[section], section
+    assert {k: v for k, v in cfg["training"].items() if k != "learning_rate"} == \
+        {k: v for k, v in first["training"].items() if k != "learning_rate"}
+
+    # its trainings stand in (no model is trained here), as in `built`; main() writes the setup and runs it
+    create_run(copy_ws, rep.follow_up_config(store, {"dpo_lr": 1e-4}, 2), rep.FOLLOW)
+    for k in (1, 2):
+        store.ensure_iteration(rep.FOLLOW, k)
+        store.set_stage(rep.FOLLOW, k, "train", "done", checkpoint=f"fake/follow{k}", report={"train/pairs": 1})
+    golds = {it["response"]: int(round(it["gold_score"])) for d in ("cia-heldout", "cia-train", "cia-sft")
+             for it in store.items(d).iter_rows(named=True)}
+    script = _script(golds)
+    summary = rep.main([*argv, "--dpo-lr", "1e-4"], sampler_factory=lambda path: FakeSampler(
+        lambda m, i, s: script(m, i, s, path), model_name=path))
+    assert json.loads((root / rep.SETUP_FILE).read_text())["follow_up"] == {"changes": {"dpo_lr": 1e-4},
+                                                                             "iterations": 2}
+    assert store.run_status(rep.FOLLOW)["status"] == "done"
+    assert set(summary["judges"]) >= {"follow-up iteration 1 (dpo_lr 0.0001)", "follow-up iteration 2 (dpo_lr 0.0001)"}
+
+    # iteration 1 samples with the same judge, seed and items as the first run's: the same judgments and pairs;
+    # iteration 2 samples with another judge (its scripted scores follow the model)
+    full = json.loads((tmp_path / "out" / "replicate.json").read_text())
+    same1 = full["diagnostics"][rep.FOLLOW]["1"]["same_as_first_run"]
+    assert same1["judgments"] == same1["judgments_of"] == SIZES["items_per_iteration"] * SIZES["n"]
+    assert same1["pairs"] == same1["pairs_of"] == len(store.pairs(rep.RUN_ID, 1))
+    same2 = full["diagnostics"][rep.FOLLOW]["2"]["same_as_first_run"]
+    assert same2["judgments"] < same2["judgments_of"]  # a scripted text differs only in its score: some agree
+
+    label = "follow-up iteration {} (dpo_lr 0.0001)"
+    plan = {(r["b"], r["a"]) for r in full["table2"] if r["b"].startswith("follow-up")}
+    assert plan == {(label.format(1), "J_SFT (seed, greedy)"), (label.format(1), "iteration 1"),
+                    (label.format(2), "J_SFT (seed, greedy)"), (label.format(2), "iteration 2"),
+                    (label.format(2), label.format(1))}
+    for r in full["table2"]:
+        if r["b"].startswith("follow-up"):
+            assert r["cells"]["cia-heldout:absolute:pearson"]["n"] == SIZES["cia_items"]
+            assert r["cells"]["rb-chat:relative:accuracy"]["n"] == SIZES["rb_items"]
+    md = (tmp_path / "out" / "replicate.md").read_text()
+    assert "Follow-up run (`replicate-follow-up`)" in md and "| follow-up iteration 2 evaluate |" in md
+
+    # a second, different follow-up in the same workspace is refused
+    with pytest.raises(SystemExit) as e:
+        rep.main([*argv, "--dpo-lr", "5e-5"])
+    assert e.value.code == 2 and "holds a follow-up already" in capsys.readouterr().err
