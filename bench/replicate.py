@@ -1364,6 +1364,9 @@ def main(argv: list[str] | None = None, sampler_factory=None) -> dict:
         print(json.dumps(summary, default=str))
         return summary
 
+    if a.follow_up and (a.resume or a.report_only or a.refresh):
+        die("--follow-up runs, or continues, the follow-up by itself (and then writes the report): give it without "
+            "--resume, --report-only or --refresh")
     setup_path = workspace / SETUP_FILE
     ws = Workspace.open(workspace)
     store = ws.store()

@@ -258,6 +258,9 @@ def test_follow_up_changes_one_size_from_the_same_seed_and_is_reported_beside_th
     store = copy_ws.store()
     argv = ["--follow-up", "--workspace", str(root), "--out", str(tmp_path / "out"), "--data", str(data)]
 
+    with pytest.raises(SystemExit) as e:
+        rep.main([*argv, "--resume", "--dpo-lr", "1e-4"])
+    assert e.value.code == 2 and "without --resume" in capsys.readouterr().err
     # a change that would judge other items is refused, and nothing is stored
     with pytest.raises(SystemExit) as e:
         rep.main([*argv, "--cia-items", "5"])
