@@ -407,6 +407,9 @@ def follow_up_config(store, changes: dict, iterations: int):
     if not changes:
         raise ValueError("a follow-up needs a change: give it as a size flag, e.g. --dpo-lr 1e-4")
     data = copy.deepcopy(store.run(RUN_ID)["config"])
+    if not 1 <= iterations <= data["iterations"]:  # its train slices (and table 2's pairs) are the first run's
+        raise ValueError(f"a follow-up runs 1 to {data['iterations']} iterations (the first run's train slices), "
+                         f"not {iterations}")
     for key, value in changes.items():
         *parents, leaf = FOLLOW_SIZES[key]
         target = data

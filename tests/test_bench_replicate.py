@@ -267,6 +267,9 @@ def test_follow_up_changes_one_size_from_the_same_seed_and_is_reported_beside_th
     assert e.value.code == 2 and "not cia_items" in capsys.readouterr().err
     assert "follow_up" not in json.loads((root / rep.SETUP_FILE).read_text())
     assert rep.FOLLOW not in rep.runs_in(store)
+    with pytest.raises(SystemExit) as e:  # the first run's train slices cover 2 iterations
+        rep.main([*argv, "--dpo-lr", "1e-4", "--follow-up-iterations", "3"])
+    assert e.value.code == 2 and "1 to 2 iterations" in capsys.readouterr().err
 
     # the follow-up: the first run's config with only the change, from its J_SFT, without seed stages
     first = store.run(rep.RUN_ID)["config"]
