@@ -1283,12 +1283,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--estimate", action="store_true",
                    help="Project the full configuration's wall time (or the sizes given) from the unit costs "
                         "measured in --workspace (e.g. a --quick run's); run nothing.")
-    for key, value in PRESETS["full"].items():
-        if key in ("selection", "relative"):
-            continue
-        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
-                       help=f"{SIZE_HELP[key]} (full {value}, quick {PRESETS['quick'][key]})")
-    p.add_argument("--no-relative", action="store_true", help="Skip the A/B mode on RewardBench.")
+    add_size_flags(p)
     p.add_argument("--follow-up", action="store_true",
                    help="Run (or resume) the workspace's follow-up: iterations from the same J_SFT, train slices, "
                         "seeds and evaluation with the loop sizes given as flags changed (e.g. --dpo-lr 1e-4), "
@@ -1296,6 +1291,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--follow-up-iterations", type=int, default=2, help="iterations of the follow-up (default 2)")
     p.add_argument("--model", default="embedded", help="The judge to start from (default: the embedded SmolLM2).")
     return p.parse_args(argv)
+
+
+def add_size_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per size of PRESETS (bar `skip`), default None (= the preset's), and --no-relative: read
+    back with sizes_of."""
+    for key, value in PRESETS["full"].items():
+        if key in ("selection", "relative", *skip):
+            continue
+        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
+                       help=f"{SIZE_HELP[key]} (full {value}, quick {PRESETS['quick'][key]})")
+    p.add_argument("--no-relative", action="store_true", help="Skip the A/B mode on RewardBench.")
 
 
 def sizes_of(a: argparse.Namespace, preset: str) -> tuple[dict, dict]:

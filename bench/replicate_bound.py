@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from limits import matmul_gflops  # noqa: E402
-from replicate import DATA, EVAL_SETS, PRESETS, SIZE_HELP, TooFew, die, selections  # noqa: E402
+from replicate import DATA, EVAL_SETS, TooFew, add_size_flags, die, selections, sizes_of  # noqa: E402
 
 # Measured in the full run (bench/results/replicate.md, diagnostics): mean tokens of a greedy evaluation
 # judgment (J_SFT, 80.2) and of a sampled train judgment (91.3-94.8); pairs curated per iteration (51, 39) and
@@ -98,7 +98,10 @@ def bound(shape: dict, tokens: dict, s: dict, gflops: float, eval_tokens: int = 
     def generate(judgments: int, per: int) -> float:
         return (f + h) * judgments * per
 
-    greedy = prefill(tokens["abs"] + tokens["rel"]) + generate(len(tokens["abs"]) + len(tokens["rel"]), eval_tokens)
+    def judge(ps, per_prompt: int = 1) -> float:  # evaluation judgments; a prompt's samples share its prefill
+        return prefill(ps) + generate(per_prompt * len(ps), eval_tokens)
+
+    greedy = judge(tokens["abs"] + tokens["rel"])
 
     def sample(ps) -> float:  # an item's n samples share its prefill
         return prefill(ps) + generate(len(ps) * s["n"], train_tokens)
@@ -113,8 +116,7 @@ def bound(shape: dict, tokens: dict, s: dict, gflops: float, eval_tokens: int = 
     stages = {
         "seed SFT": 3 * f * sft_target,  # the LM head over the targets only: left out, a lower bound
         "seed evaluation, J_SFT": greedy,
-        "baselines self-consistency / best-of-N sampling": prefill(tokens["abs"]) + generate(N * len(tokens["abs"]),
-                                                                                              eval_tokens),
+        "baselines self-consistency / best-of-N sampling": judge(tokens["abs"], N),
         # an item's N ratings share its prompt up to the feedback; each rating reads its feedback, writes a note
         "baseline best-of-N meta-judge": prefill(tokens["meta"]) + f * N * len(tokens["meta"]) * eval_tokens
         + generate(N * len(tokens["meta"]), s["meta_new_tokens"]),
@@ -126,8 +128,7 @@ def bound(shape: dict, tokens: dict, s: dict, gflops: float, eval_tokens: int = 
     stages["single-stage DPO sample"] = sample(tokens["train"])
     stages[f"single-stage DPO train ({pairs['single']} pairs)"] = dpo(pairs["single"])
     stages["single-stage DPO evaluate"] = greedy
-    optional = {"baseline raw (not asked by the issue)": greedy - prefill(tokens["rel"])
-                - generate(len(tokens["rel"]), eval_tokens)}
+    optional = {"baseline raw (not asked by the issue)": judge(tokens["abs"])}
     seconds = {k: v / gflops / 1e9 for k, v in stages.items()}
     total = sum(seconds.values())
     return {"gflops": gflops, "tflop": {k: round(v / 1e12, 1) for k, v in stages.items()},
@@ -162,12 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS, help="generated tokens per sampled judgment")
     p.add_argument("--gflops", type=float, help="the rate to divide by (default: measured here)")
     p.add_argument("--out", type=Path, help="also write the table to this markdown file")
-    for key, value in PRESETS["full"].items():
-        if key in ("selection", "relative", "bootstrap", "compare_bootstrap"):
-            continue
-        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None, help=SIZE_HELP[key])
+    add_size_flags(p, skip=("bootstrap", "compare_bootstrap"))
     a = p.parse_args(argv)
-    s = {**PRESETS["full"], **{k: getattr(a, k) for k in PRESETS["full"] if getattr(a, k, None) is not None}}
+    s, _given = sizes_of(a, "full")
 
     import torch
     from transformers import AutoTokenizer
