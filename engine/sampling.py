@@ -491,6 +491,9 @@ class TransformersSampler(ChatJudge):
 
     # Shared prefixes shorter than this are not worth a second forward; None turns prefix sharing off.
     min_shared_prefix: int | None = 32
+    # The LM head's layout on CPU (engine/lm_head.py): "auto" times both once at load, "transposed" forces
+    # (W @ h^T)^T, "model" keeps the model's own forward.
+    head_layout: str = "auto"
 
     def __init__(self, model_path: str, device: str = "auto", dtype: torch.dtype | None = None,
                  precision: str = "auto"):
@@ -520,7 +523,34 @@ class TransformersSampler(ChatJudge):
         # transformers 5.2x renamed forward's `past_key_values` to `cache`; accept either.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._head = self._choose_head()  # (backbone, its cache keyword, head weight) or None: the model's forward
+        self.head = "transposed" if self._head else "model"  # what was chosen, for benches and logs
         self.prefill_tokens = 0  # prompt positions computed, shared prefixes once (what prefix sharing saves)
+
+    def _choose_head(self):
+        from engine.lm_head import choose_layout, plain_head
+
+        if self.head_layout not in ("auto", "transposed", "model"):
+            raise ValueError(f"head_layout {self.head_layout!r}: expected auto, transposed or model")
+        found = plain_head(self.model) if self.head_layout != "model" else None
+        if found is None:
+            return None
+        backbone, weight = found
+        if self.head_layout == "auto" and choose_layout(weight) != "transposed":
+            return None
+        params = inspect.signature(backbone.forward).parameters
+        return backbone, "cache" if "cache" in params else "past_key_values", weight
+
+    def _last_logits(self, cache, **inputs) -> torch.Tensor:
+        """One forward over `inputs` that extends `cache`: the last position's logits [B, V] in fp32."""
+        if self._head is None:
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            return out.logits[:, -1, :].float()
+        from engine.lm_head import head_logits
+
+        backbone, cache_kw, weight = self._head
+        hidden = backbone(**inputs, use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1, :]
+        return head_logits(weight, hidden, "transposed").float()
 
     def _stop_ids(self) -> frozenset[int]:
         return stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
@@ -581,9 +611,8 @@ class TransformersSampler(ChatJudge):
                 seen = seen[sel] if seen is not None else None
                 live = [live[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)  # [R_live, L + step + 1]
-            out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                             use_cache=True, **{self._cache_kw: cache})
-            logits = out.logits[:, -1, :].float()  # [R_live, V]
+            logits = self._last_logits(cache, input_ids=feed[:, None], attention_mask=mask,
+                                       position_ids=next_pos[:, None])  # [R_live, V]
             next_pos = next_pos + 1
             step += 1
             if bar is not None:
@@ -608,8 +637,8 @@ class TransformersSampler(ChatJudge):
             prefixes = [prompt_ids[members[0]][:length] for length, members in groups]
             p_ids, p_mask = self._left_pad(prefixes)  # [G, Wp]
             cache = _preallocated_cache(self.model.config, p_ids.shape[1] + r_ids.shape[1] + room)
-            self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                       use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            self._last_logits(cache, input_ids=p_ids, attention_mask=p_mask,
+                              position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0))
             # row -> its group's cache row; a row with no shared prefix takes any (all of it masked for the row)
             group_of = {i: g for g, (_length, members) in enumerate(groups) for i in members}
             index = torch.tensor([group_of.get(i, 0) for i in range(len(prompt_ids))], device=self.device)
@@ -621,10 +650,9 @@ class TransformersSampler(ChatJudge):
         else:
             cache = _preallocated_cache(self.model.config, r_ids.shape[1] + room)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens at 0..len-1, whatever pads lie between
-        out = self.model(input_ids=r_ids, attention_mask=mask, position_ids=pos[:, -r_ids.shape[1]:],
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        logits = self._last_logits(cache, input_ids=r_ids, attention_mask=mask, position_ids=pos[:, -r_ids.shape[1]:])
         self.prefill_tokens += prefix_tokens + int(r_mask.sum())
-        return out.logits[:, -1, :].float(), cache, mask, pos
+        return logits, cache, mask, pos
 
     def _can_share_prefix(self) -> bool:
         # Sliding-window (and other non-plain) layers count their window in cache slots, pads included, so a
