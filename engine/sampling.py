@@ -12,11 +12,12 @@ A ``Sampler`` takes chat prompts and returns ``[input][sample]`` lists of ``Samp
     samples = sampler.generate(prompts, n=4, params=SamplingParams(force_score=True), seeds=seeds)
 
 Why not ``model.generate``: it can give none of the three things the loop below does.
-1. Shared prefill. Each prompt is prefilled once (a left-padded batch of B prompts, one forward), then
-   the KV cache is repeated to B*N rows. Prefill dominates on CPU (a 470-token judge prompt costs
-   SmolLM2-135M ~3.5 s), so N samples cost about one prefill, not N. Distinct prompts of a batch that share
-   a long token prefix (a meta-judge's ratings of one response, the template header) compute it once too
-   (``prefix_groups``, ``TransformersSampler._prefill``).
+1. Shared prefill. Each prompt is prefilled once (a left-padded batch of B prompts, 256 columns per
+   forward), and its N samples decode over that one cache: each step reads a prompt's keys once for its N
+   rows (engine/cascade.py; where that does not apply, the cache is repeated to B*N rows). Prefill
+   dominates on CPU (a 470-token judge prompt costs SmolLM2-135M ~3.5 s), so N samples cost about one
+   prefill, not N. Distinct prompts of a batch that share a long token prefix (a meta-judge's ratings of one
+   response, the template header) compute it once too (``prefix_groups``, ``TransformersSampler._prefill``).
 2. Per-sample seeds. Every row draws from its own ``torch.Generator``, one draw per free step, so a
    judgment is reproduced from its stored seed whatever else was in the batch. Tokens are drawn by an
    exponential race (argmax p_i / E_i, E_i ~ Exp(1)), which is exact multinomial sampling and, unlike an
@@ -43,6 +44,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, Protocol
@@ -494,6 +496,10 @@ class TransformersSampler(ChatJudge):
     # The LM head's layout on CPU (engine/lm_head.py): "auto" times both once at load, "transposed" forces
     # (W @ h^T)^T, "model" keeps the model's own forward.
     head_layout: str = "auto"
+    # Prompt tokens per prefill forward (None: a whole prompt at once); see `_prefill_forward`.
+    prefill_chunk: int | None = 256
+    # N samples of a prompt read its cache once per decode step (engine/cascade.py); False repeats it per row.
+    cascade: bool = True
 
     def __init__(self, model_path: str, device: str = "auto", dtype: torch.dtype | None = None,
                  precision: str = "auto"):
@@ -580,11 +586,22 @@ class TransformersSampler(ChatJudge):
 
         # room for the free tokens and a probed " [RESULT] k" after the prompt
         # (+ the end-of-turn tail the completion is scored with; the cache grows if a template needs more)
-        logits, cache, mask, pos = self._prefill(prompt_ids, params.max_new_tokens + len(st.marker_ids) + 4)
+        room = params.max_new_tokens + len(st.marker_ids) + 4
+        logits, cache, mask, pos = self._prefill(prompt_ids, room)
         logits = logits.repeat_interleave(n, dim=0)  # [R=B*n, V]
-        cache.batch_repeat_interleave(n)  # every layer's K/V: [B, ...] -> [R, ...]
-        mask = mask.repeat_interleave(n, dim=0)  # [R, L]
         next_pos = pos[:, -1].repeat_interleave(n) + 1  # [R]
+        shared, extra = None, {}
+        if n > 1 and self._can_cascade():
+            # The prompts' cache stays one row per prompt (engine/cascade.py); the rows' own tokens go to a
+            # cache of their own, and the mask covers those only.
+            from engine.cascade import SharedPrompt
+
+            shared = SharedPrompt.from_cache(cache, mask, n)
+            cache, mask = _preallocated_cache(self.model.config, room), mask.new_zeros(len(rows), 0)
+            extra = {"shared_prompt": shared}
+        else:
+            cache.batch_repeat_interleave(n)  # every layer's K/V: [B, ...] -> [R, ...]
+            mask = mask.repeat_interleave(n, dim=0)  # [R, L]
         seen = None  # [R, V] bool: tokens in prompt + generation, for the repetition penalty
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(len(prompt_ids), logits.shape[-1], dtype=torch.bool, device=dev)
@@ -607,12 +624,15 @@ class TransformersSampler(ChatJudge):
             if len(keep) < len(live):  # drop finished rows from the batch: later steps cost less
                 sel = torch.tensor(keep, device=dev)
                 cache.batch_select_indices(sel)
+                if shared is not None:
+                    shared.select(sel)
                 feed, mask, next_pos = feed[sel], mask[sel], next_pos[sel]
                 seen = seen[sel] if seen is not None else None
                 live = [live[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)  # [R_live, L + step + 1]
-            logits = self._last_logits(cache, input_ids=feed[:, None], attention_mask=mask,
-                                       position_ids=next_pos[:, None])  # [R_live, V]
+            with self._attention(shared):
+                logits = self._last_logits(cache, input_ids=feed[:, None], attention_mask=mask,
+                                           position_ids=next_pos[:, None], **extra)  # [R_live, V]
             next_pos = next_pos + 1
             step += 1
             if bar is not None:
@@ -637,8 +657,7 @@ class TransformersSampler(ChatJudge):
             prefixes = [prompt_ids[members[0]][:length] for length, members in groups]
             p_ids, p_mask = self._left_pad(prefixes)  # [G, Wp]
             cache = _preallocated_cache(self.model.config, p_ids.shape[1] + r_ids.shape[1] + room)
-            self._last_logits(cache, input_ids=p_ids, attention_mask=p_mask,
-                              position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0))
+            self._prefill_forward(cache, p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), logits=False)
             # row -> its group's cache row; a row with no shared prefix takes any (all of it masked for the row)
             group_of = {i: g for g, (_length, members) in enumerate(groups) for i in members}
             index = torch.tensor([group_of.get(i, 0) for i in range(len(prompt_ids))], device=self.device)
@@ -650,18 +669,67 @@ class TransformersSampler(ChatJudge):
         else:
             cache = _preallocated_cache(self.model.config, r_ids.shape[1] + room)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens at 0..len-1, whatever pads lie between
-        logits = self._last_logits(cache, input_ids=r_ids, attention_mask=mask, position_ids=pos[:, -r_ids.shape[1]:])
+        logits = self._prefill_forward(cache, r_ids, mask, pos)
         self.prefill_tokens += prefix_tokens + int(r_mask.sum())
         return logits, cache, mask, pos
 
-    def _can_share_prefix(self) -> bool:
+    def _prefill_forward(self, cache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                         logits: bool = True) -> torch.Tensor | None:
+        """Run `ids` [B, W], the last W columns of `mask` / `pos` [B, W'], into `cache`, `prefill_chunk`
+        columns per forward; the last position's logits (fp32) when `logits`.
+
+        Why chunks: a left-padded batch (or a prompt after a shared prefix) needs an explicit attention mask,
+        and under one CPU's SDPA kernel computes every query x key block, the causal upper triangle included
+        (the unmasked causal path skips it): a 4 x 1,000-token batch spent 1.7x the attention time of the
+        same batch unpadded. Run in chunks, a chunk's keys end where it ends, so only each chunk's own
+        triangle is wasted. Same attention as one forward (tests/test_sampling.py), only plain full-attention
+        caches (sliding windows count their slots, see `_can_share_prefix`)."""
+        w, offset = ids.shape[1], mask.shape[1] - ids.shape[1]
+        chunked = self.prefill_chunk and self.device.type == "cpu" and self._plain_cache()  # a CPU kernel's cost
+        step = self.prefill_chunk if chunked else w
+        out = None
+        for s in range(0, w, step):
+            e = min(s + step, w)
+            inputs = dict(input_ids=ids[:, s:e], attention_mask=mask[:, :offset + e],
+                          position_ids=pos[:, offset + s:offset + e])
+            if e < w or not logits:
+                self._backbone_forward(cache, **inputs)
+            else:
+                out = self._last_logits(cache, **inputs)
+        return out
+
+    def _backbone_forward(self, cache, **inputs) -> None:
+        """A forward that only extends `cache` (no LM head where the model has a plain one)."""
+        if self._head is None:
+            self.model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        else:
+            backbone, cache_kw, _weight = self._head
+            backbone(**inputs, use_cache=True, **{cache_kw: cache})
+
+    def _can_cascade(self) -> bool:
+        from engine.cascade import supported
+
+        # CPU only: the case it was measured for (bench/decode_options.py); GPUs keep SDPA over the repeated cache
+        return self.cascade and self.device.type == "cpu" and self._plain_cache() and supported(self.model)
+
+    def _attention(self, shared):
+        """The decode step's attention: engine/cascade.py's over a shared prompt, else the model's own."""
+        if shared is None:
+            return nullcontext()
+        from engine.cascade import cascade_attention
+
+        return cascade_attention(self.model)
+
+    def _plain_cache(self) -> bool:
         # Sliding-window (and other non-plain) layers count their window in cache slots, pads included, so a
-        # pad between the parts would shift it: only plain full-attention caches share.
+        # pad between the parts of a shared prefix would shift it: only plain full-attention caches share
+        # prefixes or prefill in chunks.
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        if self.min_shared_prefix is None:
-            return False
         return all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+
+    def _can_share_prefix(self) -> bool:
+        return self.min_shared_prefix is not None and self._plain_cache()
 
     def _advance(
         self, rows: list[_Row], logits: torch.Tensor, params: SamplingParams, st: ScoreTokens,

@@ -213,6 +213,37 @@ def test_shared_prefix_prefill_equals_the_unshared_one(tiny_model_dir):
         assert shared.prefill_tokens == sum(len(i) for i in ids) - sum((len(m) - 1) * n for n, m in groups)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_chunked_prefill_equals_one_forward(tiny_model_dir, share):
+    """A left-padded batch (with and without shared prefixes) prefilled 7 columns per forward: the same
+    cache, so the same samples, greedy texts and score probabilities as one forward per part."""
+    chunked = TransformersSampler(str(tiny_model_dir), device="cpu")
+    whole = TransformersSampler.from_loaded(chunked.model, chunked.tokenizer)
+    chunked.prefill_chunk, whole.prefill_chunk = 7, None
+    if not share:
+        chunked.min_shared_prefix = whole.min_shared_prefix = None
+    prompts = [_meta_like("Sort a list", f) for f in ("Good. [RESULT] 4", "Too vague.")] + [SHORT, LONG]
+    ids = [chunked.encode_prompt(m) for m in prompts]
+    assert min(len(i) for i in ids) > 7 and len({len(i) for i in ids}) == len(ids)  # several chunks, pads
+    calls = []  # the width of every decoder forward, whichever head the samplers chose
+    chunked.model.model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    seeds = [[10 * i + j for j in range(2)] for i in range(len(prompts))]
+    for params in (SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, force_score=True),
+                   SamplingParams(temperature=0.0, max_new_tokens=8, force_score=True)):
+        calls.clear()
+        got = _flat(chunked.generate(prompts, 2, params, seeds))
+        assert max(calls) <= 7 and sum(c > 1 for c in calls) > 2  # the prefill did run in chunks
+        calls.clear()
+        want = _flat(whole.generate(prompts, 2, params, seeds))
+        assert max(calls) > 7
+        for g, w in zip(got, want):
+            assert (g.raw_text, g.score, g.forced, g.completion_tokens) == (w.raw_text, w.score, w.forced,
+                                                                            w.completion_tokens)
+            assert g.score_probs == pytest.approx(w.score_probs, abs=1e-5)
+        assert chunked.prefill_tokens == whole.prefill_tokens
+
+
 def test_sliding_window_models_do_not_share_prefixes(sampler, monkeypatch):
     assert sampler._can_share_prefix()
     n = sampler.model.config.num_hidden_layers
