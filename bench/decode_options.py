@@ -45,7 +45,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (evaluation)")
     p.add_argument("--prompt-tokens", type=int, default=700, help="lengthen each prompt to about this many tokens")
-    p.add_argument("--rounds", type=int, default=2, help="timed runs of each head, alternating")
+    p.add_argument("--rounds", type=int, default=2, help="timed runs of each side, alternating")
     p.add_argument("--precision", default="auto", help="auto (follows the hardware), fp32 or bf16")
     return p
 
@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         setattr(sampler, attr, value)
         # the head as `auto` chose it once, unless it is the option measured
         sampler._head = sampler._choose_head() if args.option == "head" else auto._head
-        sampler.head = "transposed" if sampler._head else "model"
         heads[name] = sampler
     if args.option == "head" and heads["on"].head != "transposed":
         raise SystemExit("this model's head cannot run transposed (engine/lm_head.py: plain_head)")

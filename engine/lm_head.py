@@ -5,7 +5,7 @@ A decode step multiplies R hidden rows (R = live judgments, 1 to ~40) by the (vo
 ~3 GB/s at R = 8 (36 ms, a fifth of a greedy decode step), while the same product asked as ``(W @ x^T)^T``
 streams them at ~8 GB/s (14 ms). Which layout wins depends on the CPU, the BLAS and the dtype (bf16 goes
 through oneDNN), so ``choose_layout`` times both once on the loaded head rather than assuming one.
-bench/lm_head.py measures the effect on whole greedy judgments.
+`bench/decode_options.py --option head` measures the effect on whole greedy judgments.
 
 Only where it is the same computation: a plain decoder (backbone + bias-free linear head, no logit scaling or
 soft-capping, see engine/shared_prompt.py) on CPU. Elsewhere the model's own forward runs.

@@ -530,8 +530,12 @@ class TransformersSampler(ChatJudge):
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._head = self._choose_head()  # (backbone, its cache keyword, head weight) or None: the model's forward
-        self.head = "transposed" if self._head else "model"  # what was chosen, for benches and logs
         self.prefill_tokens = 0  # prompt positions computed, shared prefixes once (what prefix sharing saves)
+
+    @property
+    def head(self) -> str:
+        """The LM head's layout in use, for benches and logs: "transposed" or "model" (the model's forward)."""
+        return "transposed" if self._head else "model"
 
     def _choose_head(self):
         from engine.lm_head import choose_layout, plain_head
@@ -587,13 +591,14 @@ class TransformersSampler(ChatJudge):
         # room for the free tokens and a probed " [RESULT] k" after the prompt
         # (+ the end-of-turn tail the completion is scored with; the cache grows if a template needs more)
         room = params.max_new_tokens + len(st.marker_ids) + 4
-        logits, cache, mask, pos = self._prefill(prompt_ids, room)
+        cascade = n > 1 and self._can_cascade()
+        logits, cache, mask, pos = self._prefill(prompt_ids, 0 if cascade else room)
         logits = logits.repeat_interleave(n, dim=0)  # [R=B*n, V]
         next_pos = pos[:, -1].repeat_interleave(n) + 1  # [R]
         shared, extra = None, {}
-        if n > 1 and self._can_cascade():
+        if cascade:
             # The prompts' cache stays one row per prompt (engine/cascade.py); the rows' own tokens go to a
-            # cache of their own, and the mask covers those only.
+            # cache of their own (so the prompts' needs no room), and the mask covers those only.
             from engine.cascade import SharedPrompt
 
             shared = SharedPrompt.from_cache(cache, mask, n)
