@@ -97,31 +97,45 @@ def _side(side: str, model: str, n: int, batch_size: int, max_length: int, out: 
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def two_sides(script: str, side_fn, count: str, default: int, description: str):
+    """The command line both training benches share: `--model`, `--<count>`, `--batch-size`, `--max-length`.
+    Runs `--side ours` then `--side trl` of `script`, each in its own process (so each peak RSS is its own);
+    a side calls `side_fn(side, model, n, batch_size, max_length, out_dir)` and prints its result (a dict with
+    at least `seconds` and `losses`) as one JSON line. Returns (args with `model_path`, {side: result}), or
+    None inside a side."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument(f"--{count}", type=int, default=default)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # internal: one side
     a = ap.parse_args()
+    n = getattr(a, count)
     if a.side:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(_side(a.side, a.model, a.pairs, a.batch_size, a.max_length, Path(tmp) / "out")))
-        return
+            print(json.dumps(side_fn(a.side, a.model, n, a.batch_size, a.max_length, Path(tmp) / "out")))
+        return None
 
     from engine.models import resolve_model
 
-    model = str(resolve_model(a.model))
+    a.model_path = str(resolve_model(a.model))
     results = {}
     for side in ("ours", "trl"):
-        cmd = [sys.executable, __file__, "--side", side, "--model", model, "--pairs", str(a.pairs),
-               "--batch-size", str(a.batch_size), "--max-length", str(a.max_length)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        proc = subprocess.run([sys.executable, script, "--side", side, "--model", a.model_path, f"--{count}", str(n),
+                               "--batch-size", str(a.batch_size), "--max-length", str(a.max_length)],
+                              capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         if proc.returncode:
             raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
         results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{side}: {results[side]['seconds']:.1f} s, losses {results[side]['losses']}", file=sys.stderr)
+    return a, results
+
+
+def main() -> None:
+    if (run := two_sides(__file__, _side, "pairs", 4, __doc__.split("\n\n")[0])) is None:
+        return
+    a, results = run
+    model = a.model_path
 
     from bench.limits import matmul_gflops
 

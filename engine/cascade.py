@@ -112,19 +112,25 @@ def supported(model) -> bool:
 
 
 @contextmanager
-def cascade_attention(model):
-    """Within: `model`'s attention (and its mask builder) is this module's, which is SDPA for any call
-    without a `shared_prompt`."""
+def switched_attention(model, name: str, function):
+    """Within: `model`'s attention is `function`, registered as `name` (its masks built as SDPA's). The
+    function must be SDPA for any call it does not handle itself."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if NAME not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(NAME, attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, function)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     config = model.config
     before = config._attn_implementation_internal
-    config._attn_implementation_internal = NAME
+    config._attn_implementation_internal = name
     try:
         yield
     finally:
         config._attn_implementation_internal = before
+
+
+def cascade_attention(model):
+    """Within: `model`'s attention (and its mask builder) is this module's, which is SDPA for any call
+    without a `shared_prompt`."""
+    return switched_attention(model, NAME, attention)

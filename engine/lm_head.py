@@ -31,12 +31,12 @@ def head_logits(weight: torch.Tensor, hidden: torch.Tensor, layout: Layout) -> t
 
 def plain_head(model) -> tuple[torch.nn.Module, torch.Tensor] | None:
     """(backbone, head weight) where `model(...).logits` is exactly `backbone(...) @ weight.T`, else None."""
-    from engine.shared_prompt import _backbone_and_head, supported
+    from engine.completion_head import backbone_and_head, supported
 
     try:
         if not supported(model):
             return None
-        backbone, head, _config = _backbone_and_head(model)
+        backbone, head, _config = backbone_and_head(model)
     except (AttributeError, ImportError):
         return None
     if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.device.type != "cpu":

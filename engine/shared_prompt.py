@@ -14,21 +14,22 @@ Same log-probs as the two rows (tests/test_shared_prompt.py), about half the tok
 
 Used where it is exact and safe: one process (DDP, FSDP and ZeRO need their own forward: gradient sync,
 parameter gathering), a plain (or PEFT) decoder with no logit scaling or soft-capping, chosen and rejected
-rows of a pair with the same prompt tokens. Anything else takes TRL's own path.
+rows of a pair with the same prompt tokens. A batch that does not pack runs two rows per pair, still with
+the head on the completion positions only (engine/completion_head.py); an unsupported model takes TRL's path.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-# The fused head's per-token fields, in FusedCausalLMOutput's order after log_probs.
-FIELDS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-# Config keys that change logits after the LM head (TRL's fused head applies them; this path does not).
-_SCALED = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+from engine.completion_head import FIELDS, CompletionHeadModel, backbone_and_head, scored, supported
+
+__all__ = ["FIELDS", "Packed", "SharedPromptModel", "branch_mask", "pack_pairs", "shared_prompt_forward",
+           "supported"]
 
 
 @dataclass
@@ -117,81 +118,59 @@ def branch_mask(segments: torch.Tensor) -> torch.Tensor:
     return (causal & ((k == 0) | (k == q)))[:, None]
 
 
-def _backbone_and_head(model):
-    from peft import PeftModel
+@contextmanager
+def _branch_attention(backbone, packed: Packed):
+    """For a batch of one pair on an SDPA model: the branch lengths for engine/branch_attention.py. Its
+    attention is on where the caller switched it on (train_dpo, for the whole run), or switched on here for a
+    forward without gradients (a reference pass); a forward with gradients outside such a run stays SDPA, since
+    activation checkpointing recomputes it later, outside this call. Else nothing."""
+    from engine import branch_attention as ba
 
-    net = model.get_base_model() if isinstance(model, PeftModel) else model
-    return net.base_model, net.get_output_embeddings(), net.config
-
-
-def supported(model) -> bool:
-    """Whether `model` can take this path (see the module docstring)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return False  # DDP / FSDP / ZeRO hook their own forward (gradient sync, parameter gathering)
-    try:
-        backbone, head, config = _backbone_and_head(model)
-    except AttributeError:
-        return False
-    text = config.get_text_config()
-    if any(getattr(text, key, None) not in (None, 1, 1.0) for key in _SCALED):
-        return False
-    if getattr(text, "output_router_logits", False) or head is None or backbone is model:
-        return False
-    return getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+    segments = packed.segments[0]
+    counts = tuple(int((segments == s).sum()) for s in (0, 1, 2))
+    on = backbone.config._attn_implementation == ba.NAME
+    if (packed.segments.shape[0] != 1 or sum(counts) != segments.numel() or not ba.supported(backbone)
+            or (not on and torch.is_grad_enabled())):
+        yield {}
+        return
+    with nullcontext() if on else ba.branch_attention(backbone):
+        yield {"selfrat_branches": counts}
 
 
 def shared_prompt_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                           pad_token_id: int = 0) -> Any | None:
     """What `model(input_ids=..., attention_mask=..., labels=labels, fused_lm_head=True)` returns under TRL's
     fused LM head (a FusedCausalLMOutput, same layout), computed one row per pair. None where the batch does
-    not pack (the caller then takes TRL's path)."""
-    from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
-
+    not pack (the caller then runs its two rows)."""
     packed = pack_pairs(input_ids, attention_mask, (labels != -100).long(), pad_token_id)
     if packed is None:
         return None
-    backbone, head, config = _backbone_and_head(model)
+    backbone, head, config = backbone_and_head(model)
     mask = branch_mask(packed.segments)
     if getattr(config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(
             input_ids.device.type) else head.weight.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    hidden = backbone(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                      use_cache=False).last_hidden_state
+    with _branch_attention(backbone, packed) as extra:
+        hidden = backbone(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                          use_cache=False, **extra).last_hidden_state
     hidden = hidden.reshape(-1, hidden.size(-1))[packed.src]
-    per_token = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, packed.targets, 1.0,
-                                             _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, FIELDS)
-    dest = packed.dest
-
-    def layout(x):
-        return None if x is None else x.new_zeros(dest.shape).masked_scatter(dest, x)
-
-    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (layout(x) for x in per_token)
-    loss = -log_probs.sum() / dest.sum().clamp(min=1)
-    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
-                               mean_logits=mean_logits, is_top1=is_top1, label_mask=dest, aux_loss=None)
+    return scored(hidden, head, packed.targets, packed.dest)
 
 
-class SharedPromptModel:
+class SharedPromptModel(CompletionHeadModel):
     """Stands in for the model in TRL's `_compute_loss` / `compute_ref_log_probs`: a fused-head call goes
-    one row per pair; every other call, and a batch that does not pack, goes to the model itself."""
+    one row per pair; a batch that does not pack goes two rows per pair with the head on the completion
+    positions only (engine/completion_head.py), and every other call to the model itself."""
 
     def __init__(self, model, pad_token_id: int = 0, autocast: Callable[[], Any] = nullcontext):
-        # `autocast`: the mixed precision the model's own forward would run in. accelerate wraps `forward` in
-        # it, and this path calls the decoder and the head directly, around that wrapper.
-        self.model, self.pad_token_id, self.autocast = model, pad_token_id, autocast
+        super().__init__(model, autocast)
+        self.pad_token_id = pad_token_id
 
-    def __call__(self, *args, fused_lm_head: bool = False, labels=None, **kwargs):
-        extra = set(kwargs) - {"input_ids", "attention_mask", "use_cache"}
-        if fused_lm_head and not args and not extra and labels is not None:
-            with self.autocast():
-                out = shared_prompt_forward(self.model, kwargs["input_ids"], kwargs["attention_mask"], labels,
-                                            self.pad_token_id)
+    def _fused(self, labels: torch.Tensor, inputs: dict) -> Any:
+        if set(inputs) <= {"input_ids", "attention_mask", "use_cache"} and "attention_mask" in inputs:
+            out = shared_prompt_forward(self.model, inputs["input_ids"], inputs["attention_mask"], labels,
+                                        self.pad_token_id)
             if out is not None:
                 return out
-        return self.model(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+        return super()._fused(labels, inputs)

@@ -39,7 +39,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -259,6 +259,23 @@ def _stored_reference_dpo(shared_prompt: bool = False):
     return StoredReferenceDPO
 
 
+def _completion_head_sft():
+    """TRL's SFTTrainer with the LM head run on the completion positions only (engine/completion_head.py):
+    off Triton devices TRL's fused head scores the whole ~1,250-token judge prompt of every example too."""
+    from trl import SFTTrainer
+
+    from engine.completion_head import CompletionHeadModel, supported
+
+    class CompletionHeadSFT(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if supported(model):
+                model = CompletionHeadModel(model, self.accelerator.autocast)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return CompletionHeadSFT
+
+
 def token_logprobs(
     model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", messages: list[dict], completion: str
 ) -> tuple[list[float], list[float]]:
@@ -352,18 +369,40 @@ def _checkpoint_dirs(out_dir: Path, main: bool = True) -> Iterator[tuple[Path, P
         shutil.rmtree(tmp_dir, ignore_errors=True)  # only still there if something failed
 
 
-def _checkpointing(cfg: SFTConfig | TrainingConfig, dev: str) -> bool:
-    """`activation_checkpointing: auto`: on for CUDA, and where sequences may be long (max_length > 1024).
-    Measured on 2 CPU cores (SmolLM2-135M, one CIA pair of 2 x ~1,250 tokens, bf16 autocast): forward +
-    backward peak 7.0 GB without, 4.7-5.0 GB with, for ~20% more time; a 768-token demo pair is small either way."""
+def activation_bytes_per_token(model) -> float:
+    """A rough upper estimate of what one token's activations hold for the backward pass without activation
+    checkpointing: per layer ~16 hidden-wide and ~4 intermediate-wide fp32 tensors (norms, projections, rotary,
+    the MLP's gate, up and product). SmolLM2-135M: 1.8 MB a token; measured, one packed CIA pair of 1,620
+    tokens in fp32 peaked 2.2 GB above the same step with checkpointing (estimate 3.0 GB)."""
+    config = model.config.get_text_config()
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return config.num_hidden_layers * (16 * hidden + 4 * intermediate) * 4.0
+
+
+def _checkpointing(cfg: SFTConfig | TrainingConfig, dev: str, model=None, rows: int = 1) -> bool:
+    """`activation_checkpointing: auto`. On CUDA: on. On CPU: off where one micro-batch (`rows` sequences of
+    max_length) keeps activations that fit in half the memory available now (`activation_bytes_per_token`),
+    else on. It trades memory for time: on 2 CPU cores (SmolLM2-135M, fp32) one packed CIA pair took 15-16 s
+    a step with it and 11-12.5 s without, peaking at 2.6 against 4.9 GB. Without the model to size: on for
+    max_length > 1024."""
     if cfg.activation_checkpointing != "auto":
         return bool(cfg.activation_checkpointing)
-    return dev.startswith("cuda") or cfg.max_length > 1024
+    if dev.startswith("cuda"):
+        return True
+    if model is None:
+        return cfg.max_length > 1024
+    import psutil
+
+    per_step = 1 if dev == "cpu" else cfg.batch_size  # CPU runs micro-batches of one example (`_trl_args`)
+    need = activation_bytes_per_token(model) * cfg.max_length * rows * per_step
+    return need > psutil.virtual_memory().available / 2
 
 
 def _trl_args(cfg: SFTConfig | TrainingConfig, *, scratch: Path, dev: str, precision: str,
-              report_to: Sequence[str] = ("none",)) -> dict[str, Any]:
-    """TRL config fields that SFTConfig and DPOConfig share, from our SFT or DPO config."""
+              report_to: Sequence[str] = ("none",), model=None, rows: int = 1) -> dict[str, Any]:
+    """TRL config fields that SFTConfig and DPOConfig share, from our SFT or DPO config. `model` and `rows`
+    (sequences per example: 2 for a DPO pair) size `activation_checkpointing: auto`."""
     batch_size, gradient_accumulation_steps = cfg.batch_size, cfg.gradient_accumulation_steps
     return dict(
         output_dir=str(scratch),
@@ -382,7 +421,7 @@ def _trl_args(cfg: SFTConfig | TrainingConfig, *, scratch: Path, dev: str, preci
         use_cpu=dev == "cpu",
         # TRL defaults to (gradient) checkpointing; short sequences only pay its time (see `_checkpointing`).
         # transformers 5.24 renamed it `activation_checkpointing` and warns on the old name.
-        activation_checkpointing=_checkpointing(cfg, dev),
+        activation_checkpointing=_checkpointing(cfg, dev, model, rows),
         trust_remote_code=False,
         report_to=list(report_to),  # training.report_to; tensorboard's dir is set by `_point_tensorboard`
         save_strategy="no",
@@ -693,7 +732,6 @@ def train_sft(
 
     from transformers import AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
-    from trl import SFTTrainer
 
     dev = launched.device if launched else resolve_device(device)
     use_device(dev)
@@ -702,16 +740,17 @@ def train_sft(
         model = _load(model_path, cfg.quantization, precision)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         args = TRLSFTConfig(
-            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=report_to),
+            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=report_to, model=model),
             lr_scheduler_type=cfg.lr_scheduler_type,
             warmup_steps=cfg.warmup_ratio,  # transformers 5 dropped warmup_ratio: a float < 1 is a fraction
             completion_only_loss=True,  # said, not left to TRL's guess from the column names
             packing=False,
         )
         say(f"SFT: {len(examples)} examples, model={model_path}, device={dev}, precision={precision}, lora={cfg.lora}"
+            f", activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
             + (f", quantization={cfg.quantization}" if cfg.quantization else "")
             + (f", {launched.strategy} x {launched.num_processes} processes" if launched else ""))
-        trainer = _trainer(SFTTrainer, cfg, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
+        trainer = _trainer(_completion_head_sft(), cfg, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
                            say=say, progress=progress, launched=launched,
                            tb_dir=tb_dir or out_dir.parent / f"{out_dir.name}.tb", line=lambda logs: (
                                f"loss={logs['loss']:.4f} acc={logs.get('mean_token_accuracy', math.nan):.4f}"))
@@ -818,6 +857,9 @@ def train_dpo(
     from transformers import AutoTokenizer
     from trl import DPOConfig
 
+    from engine.branch_attention import branch_attention
+    from engine.branch_attention import supported as branch_supported
+
     dev = launched.device if launched else resolve_device(device)
     use_device(dev)
     precision = launched.precision if launched else resolve_precision(cfg.precision, dev)
@@ -828,7 +870,8 @@ def train_dpo(
         ref_model = _load(reference_path, cfg.quantization, precision) if separate_ref else None
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=False)
         args = DPOConfig(
-            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=cfg.report_to),
+            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=cfg.report_to, model=model,
+                        rows=2),
             beta=cfg.beta,
             precompute_ref_log_probs=cfg.precompute_ref_log_probs,
             **loss_terms,
@@ -836,7 +879,8 @@ def train_dpo(
         say(
             f"DPO: {len(pairs)} pairs, policy={policy_path}, "
             f"reference={reference_path if separate_ref else 'policy copy'}, device={dev}, precision={precision}, "
-            f"lora={cfg.lora}, loss={'+'.join(loss_terms['loss_type'])} weights={loss_terms['loss_weights']}"
+            f"lora={cfg.lora}, loss={'+'.join(loss_terms['loss_type'])} weights={loss_terms['loss_weights']}, "
+            f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
             + (f", quantization={cfg.quantization}" if cfg.quantization else "")
             + (", reference log-probs once before training" if cfg.precompute_ref_log_probs else "")
             + (f", {launched.strategy} x {launched.num_processes} processes" if launched else "")
@@ -850,7 +894,10 @@ def train_dpo(
             trainer.ref_model = ref_model = None  # its log-probs are in the dataset now: free its memory
             say(f"reference log-probs: {trainer.stored_reference_pairs} of {len(pairs)} pairs stored at "
                 "sampling, the rest computed before training")
-        history, steps, runtime_s = _train(trainer)
+        # A packed pair's attention in parts (engine/branch_attention.py), also where activation checkpointing
+        # recomputes it during the backward pass; SDPA for every other forward.
+        with branch_attention(model) if cfg.shared_prompt_forward and branch_supported(model) else nullcontext():
+            history, steps, runtime_s = _train(trainer)
         metrics = _summarize(history, steps, runtime_s)
         record = {
             "kind": "dpo",

@@ -69,6 +69,21 @@ def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def fused_head_models(tiny_model_dir):
+    """(tokenizer, the tiny model, a copy with TRL's fused LM head and every per-token field it can give)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import add_fused_lm_head
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trl = copy.deepcopy(ours)
+    add_fused_lm_head(trl, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
+    return tok, ours, trl
+
+
 @pytest.fixture(autouse=True)
 def _user_cache(request, monkeypatch, tmp_path_factory) -> None:
     """Fast tests never write to the real user cache (~/.cache/selfrat): SELFRAT_CACHE points at one tmp dir

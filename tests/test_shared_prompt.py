@@ -17,18 +17,6 @@ def _batch(tok, pairs, max_length=None):
     return collate([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs])
 
 
-@pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.trainer.utils import add_fused_lm_head
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    trl = copy.deepcopy(ours)
-    add_fused_lm_head(trl, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
-    return tok, ours, trl
-
-
 def _pairs(seed=0):
     g = torch.Generator().manual_seed(seed)
 
@@ -58,11 +46,11 @@ def test_pack_layout():
     assert mask[3].tolist() == [True, True, True, True, False, False, False]
 
 
-def test_same_fields_as_trl_rows(models):
+def test_same_fields_as_trl_rows(fused_head_models):
     """Every per-token field TRL's DPO reads, in its layout, equal to its fused head over two rows each."""
     from engine.shared_prompt import FIELDS, shared_prompt_forward
 
-    tok, ours, trl = models
+    tok, ours, trl = fused_head_models
     batch = _batch(tok, _pairs())
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.no_grad():
@@ -79,10 +67,10 @@ def test_same_fields_as_trl_rows(models):
     assert (got.log_probs[~got.label_mask] == 0).all() and (got.log_probs[got.label_mask] < 0).all()
 
 
-def test_gradients_match_trl_rows(models):
+def test_gradients_match_trl_rows(fused_head_models):
     from engine.shared_prompt import shared_prompt_forward
 
-    tok, ours, trl = models
+    tok, ours, trl = fused_head_models
     batch = _batch(tok, _pairs(1))
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     grads = []
@@ -98,28 +86,35 @@ def test_gradients_match_trl_rows(models):
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-3)
 
 
-def test_falls_back_when_prompts_differ(models):
-    """A pair whose two rows were cut differently (keep_end truncation) does not pack: TRL's path answers."""
+def test_falls_back_when_prompts_differ(fused_head_models, monkeypatch):
+    """A pair whose two rows were cut differently (keep_end truncation) does not pack: it runs as TRL's two
+    rows, with the head on their completion positions only (engine/completion_head.py), same fields."""
+    import engine.completion_head as ch
     from engine.shared_prompt import SharedPromptModel, pack_pairs
 
-    tok, ours, trl = models
+    tok, ours, trl = fused_head_models
     batch = _batch(tok, _pairs())
     ids = batch["input_ids"].clone()
     ids[3, 0] += 1  # the rejected row of pair 0 now has another prompt
     assert pack_pairs(ids, batch["attention_mask"], batch["completion_mask"]) is None
     labels = ids.masked_fill(batch["completion_mask"] == 0, -100)
+    rows = []
+    real = ch.completion_forward
+    monkeypatch.setattr(ch, "completion_forward", lambda m, lab, **kw: rows.append(lab.shape[0]) or real(m, lab, **kw))
     with torch.no_grad():
         out = SharedPromptModel(trl)(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels,
                                      fused_lm_head=True, use_cache=False)
         want = trl(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True,
                    use_cache=False)
-    assert torch.equal(out.log_probs, want.log_probs)
+    assert rows == [ids.shape[0]]
+    assert torch.equal(out.label_mask, want.label_mask)
+    assert torch.allclose(out.log_probs, want.log_probs, atol=1e-5)
 
 
-def test_unsupported_models_take_trl_path(models):
+def test_unsupported_models_take_trl_path(fused_head_models):
     from engine.shared_prompt import supported
 
-    tok, ours, _ = models
+    tok, ours, _ = fused_head_models
     assert supported(ours)
     capped = copy.deepcopy(ours)
     capped.config.final_logit_softcapping = 30.0

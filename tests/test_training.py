@@ -496,11 +496,42 @@ def test_cpu_batches_run_as_accumulated_micro_batches(tmp_path):
     ("auto", 768, "cpu", False), ("auto", 2048, "cpu", True), ("auto", 768, "cuda", True),
     (False, 2048, "cuda", False), (True, 512, "cpu", True)])
 def test_activation_checkpointing_follows_sequence_length_and_device(tmp_path, setting, max_length, dev, on):
+    """Without a model to size the activations by (GRPO's arguments): on CUDA, and for max_length > 1024."""
     from engine.training import _trl_args
 
     for cfg in (TrainingConfig(max_length=max_length, activation_checkpointing=setting),
                 SFTConfig(dataset="d", max_length=max_length, activation_checkpointing=setting)):
         assert _trl_args(cfg, scratch=tmp_path, dev=dev, precision="fp32")["activation_checkpointing"] is on
+
+
+def test_activation_checkpointing_on_cpu_follows_the_memory_its_activations_need(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """auto on CPU with the model to size it: off where one example's activations at max_length (x2 rows for a
+    DPO pair) fit in half the available memory, on where they do not; CUDA always on; a setting is kept."""
+    from types import SimpleNamespace
+
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    from engine.training import _trl_args, activation_bytes_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    per_token = activation_bytes_per_token(model)
+    c = model.config
+    assert per_token == c.num_hidden_layers * (16 * c.hidden_size + 4 * c.intermediate_size) * 4
+    sft, dpo = SFTConfig(dataset="d", max_length=1000), TrainingConfig(max_length=1000, batch_size=4)
+    sft_need, dpo_need = per_token * 1000, per_token * 1000 * 2  # CPU: micro-batches of one example
+
+    def on(cfg, available, dev="cpu", rows=1):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
+        return _trl_args(cfg, scratch=tmp_path, dev=dev, precision="fp32", model=model,
+                         rows=rows)["activation_checkpointing"]
+
+    assert on(sft, 2 * sft_need + 1) is False and on(sft, 2 * sft_need - 1) is True
+    assert on(dpo, 2 * dpo_need + 1, rows=2) is False and on(dpo, 2 * dpo_need - 1, rows=2) is True
+    assert on(dpo, 2 * dpo_need * 4 - 1, dev="mps", rows=2) is True  # elsewhere the whole batch at once
+    assert on(sft, 10 ** 15, dev="cuda") is True
+    assert on(sft.model_copy(update={"activation_checkpointing": True}), 10 ** 15) is True
 
 
 def test_checkpointed_dpo_step_has_the_same_loss(tiny_model_dir, tmp_path):
