@@ -10,7 +10,7 @@ then the head on the labelled positions only, and hands back TRL's `FusedCausalL
 off the labels), so TRL's loss and metrics code runs unchanged. Same fields and gradients as TRL's head
 (tests/test_completion_head.py); bench/sft.py measures the step.
 
-Used where it is exact and safe: one process (DDP, FSDP and ZeRO hook their own forward), a plain (or PEFT)
+Used where it is exact and safe: no process group (DDP, FSDP and ZeRO hook their own forward), a plain (or PEFT)
 decoder with no logit scaling or soft-capping. Anything else takes TRL's own path.
 """
 
@@ -41,8 +41,9 @@ def backbone_and_head(model):
 def supported(model) -> bool:
     """Whether `model` can take this path (see the module docstring)."""
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return False  # DDP / FSDP / ZeRO hook their own forward (gradient sync, parameter gathering)
+    if dist.is_available() and dist.is_initialized():
+        # DDP / FSDP / ZeRO hook their own forward (gradient sync, parameter gathering), one rank included
+        return False
     try:
         backbone, head, config = backbone_and_head(model)
     except AttributeError:

@@ -300,6 +300,22 @@ def grpo_args(cfg: TrainingConfig, *, dev: str, precision: str, scratch: Path, s
     return args
 
 
+def _completion_head_grpo():
+    """TRL's GRPOTrainer with the LM head run on the completion positions only (engine/completion_head.py):
+    off Triton devices TRL's fused head scores each rollout's whole judge prompt too."""
+    from trl import GRPOTrainer
+
+    from engine.completion_head import CompletionHeadModel, supported
+
+    class CompletionHeadGRPO(GRPOTrainer):
+        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+            if supported(model):
+                model = CompletionHeadModel(model, self.accelerator.autocast)
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    return CompletionHeadGRPO
+
+
 def train_grpo(
     *,
     policy_path: str,
@@ -357,7 +373,6 @@ def train_grpo(
     import datasets
     from transformers import AutoTokenizer
     from trl import GRPOConfig as TRLGRPOConfig
-    from trl import GRPOTrainer
 
     from engine.backends import vllm_available
     from engine.devices import resolve_device, use_device
@@ -394,8 +409,9 @@ def train_grpo(
             f"precision={precision}, generation={'vllm colocate' if use_vllm else 'transformers generate'}, "
             f"beta={g.beta}, lora={cfg.lora}, rewards={ {k: v for k, v in weights.items() if v > 0} }")
         budget = _TimeBudget(g.max_time_s, say) if g.max_time_s else None
-        trainer = _trainer(GRPOTrainer, cfg, model=model, args=args, dataset=dataset, tokenizer=tokenizer, say=say,
-                           progress=progress, launched=None, tb_dir=tb_dir or out_dir.parent / f"{out_dir.name}.tb",
+        trainer = _trainer(_completion_head_grpo(), cfg, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
+                           say=say, progress=progress, launched=None,
+                           tb_dir=tb_dir or out_dir.parent / f"{out_dir.name}.tb",
                            line=lambda logs: (f"reward={logs.get('reward', math.nan):.3f} "
                                               f"loss={logs['loss']:.4f}"),
                            reward_funcs=[reward])

@@ -12,7 +12,7 @@ TRL's row; the LM head runs only on the positions that predict a completion toke
 come back in TRL's layout (`(2B, L-1)`, zero off the completion), so TRL's loss code runs unchanged.
 Same log-probs as the two rows (tests/test_shared_prompt.py), about half the tokens.
 
-Used where it is exact and safe: one process (DDP, FSDP and ZeRO need their own forward: gradient sync,
+Used where it is exact and safe: no process group (DDP, FSDP and ZeRO need their own forward: gradient sync,
 parameter gathering), a plain (or PEFT) decoder with no logit scaling or soft-capping, chosen and rejected
 rows of a pair with the same prompt tokens. A batch that does not pack runs two rows per pair, still with
 the head on the completion positions only (engine/completion_head.py); an unsupported model takes TRL's path.

@@ -119,3 +119,20 @@ def test_seed_sft_trains_through_it_with_trls_losses(tiny_model_dir, tmp_path, h
     assert len(lines[True]) == len(lines[False]) == 2
     assert values(lines[True], "loss") == pytest.approx(values(lines[False], "loss"), abs=1e-4)
     assert values(lines[True], "acc") == pytest.approx(values(lines[False], "acc"), abs=1e-4)
+
+
+def test_not_under_a_process_group(fused_head_models, tmp_path):
+    """DDP, FSDP and ZeRO hook the model's own forward (one rank too: a single-process DeepSpeed launch still
+    partitions the weights), so under any process group TRL's head answers."""
+    import torch.distributed as dist
+
+    from engine.completion_head import supported
+
+    _, ours, _ = fused_head_models
+    assert supported(ours)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert not supported(ours)
+    finally:
+        dist.destroy_process_group()
+    assert supported(ours)

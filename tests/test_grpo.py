@@ -150,10 +150,15 @@ def test_rollouts_are_stored_as_judgments_with_reward_step_and_group(tmp_path):
 # ------------------------------------------------------------------ training on the tiny model
 
 
-def test_train_grpo_on_both_orders_stores_rollouts_and_publishes_a_checkpoint(tiny_model_dir, tmp_path):
+def test_train_grpo_on_both_orders_stores_rollouts_and_publishes_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+    from trl.kernels import ChunkedLogProbFunction
 
     from engine.grpo import train_grpo
+
+    head_rows: list[int] = []  # rows the LM head scored per call (engine/completion_head.py: completions only)
+    real = ChunkedLogProbFunction.apply
+    monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda h, *a: head_rows.append(h.shape[0]) or real(h, *a))
 
     # 2 steps planned, but a time budget that the first step exhausts: training stops after it
     cfg = TrainingConfig(method="grpo", learning_rate=1e-4, grpo={
@@ -171,6 +176,8 @@ def test_train_grpo_on_both_orders_stores_rollouts_and_publishes_a_checkpoint(ti
         assert r.reward == 0.0
         assert r.completion_tokens <= 8 and r.parse_status in ("no_score", "truncated", "out_of_range", "ambiguous")
     assert metrics["train/steps"] == 1 and metrics["train/rollouts"] == 4 and metrics["train/prompts"] == 2
+    # 4 rollouts of <= 8 tokens over judge prompts of hundreds: the head never ran over a prompt
+    assert head_rows and all(0 < n <= 4 * 8 for n in head_rows), head_rows
     assert metrics["train/stopped_by_time"] == 1.0
     assert any(line.startswith("step 1/2 reward=") for line in lines)
     assert any(line.startswith("time budget of 0 s reached after step 1") for line in lines)
