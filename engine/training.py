@@ -399,6 +399,12 @@ def _checkpointing(cfg: SFTConfig | TrainingConfig, dev: str, model=None, rows: 
     return need > psutil.virtual_memory().available / 2
 
 
+def _sized_by(model, launched: "Launched | None"):
+    """The model `activation_checkpointing: auto` sizes its activations by, or None under a distributed launch:
+    there the ranks share the machine's memory, and each must decide the same."""
+    return None if launched else model
+
+
 def _trl_args(cfg: SFTConfig | TrainingConfig, *, scratch: Path, dev: str, precision: str,
               report_to: Sequence[str] = ("none",), model=None, rows: int = 1) -> dict[str, Any]:
     """TRL config fields that SFTConfig and DPOConfig share, from our SFT or DPO config. `model` and `rows`
@@ -419,7 +425,8 @@ def _trl_args(cfg: SFTConfig | TrainingConfig, *, scratch: Path, dev: str, preci
         bf16=precision == "bf16",
         fp16=False,
         use_cpu=dev == "cpu",
-        # TRL defaults to (gradient) checkpointing; short sequences only pay its time (see `_checkpointing`).
+        # TRL defaults to (gradient) checkpointing; where memory holds the activations it only costs time
+        # (see `_checkpointing`).
         # transformers 5.24 renamed it `activation_checkpointing` and warns on the old name.
         activation_checkpointing=_checkpointing(cfg, dev, model, rows),
         trust_remote_code=False,
@@ -740,7 +747,8 @@ def train_sft(
         model = _load(model_path, cfg.quantization, precision)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         args = TRLSFTConfig(
-            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=report_to, model=model),
+            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=report_to,
+                        model=_sized_by(model, launched)),
             lr_scheduler_type=cfg.lr_scheduler_type,
             warmup_steps=cfg.warmup_ratio,  # transformers 5 dropped warmup_ratio: a float < 1 is a fraction
             completion_only_loss=True,  # said, not left to TRL's guess from the column names
@@ -870,8 +878,8 @@ def train_dpo(
         ref_model = _load(reference_path, cfg.quantization, precision) if separate_ref else None
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=False)
         args = DPOConfig(
-            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=cfg.report_to, model=model,
-                        rows=2),
+            **_trl_args(cfg, scratch=scratch, dev=dev, precision=precision, report_to=cfg.report_to,
+                        model=_sized_by(model, launched), rows=2),
             beta=cfg.beta,
             precompute_ref_log_probs=cfg.precompute_ref_log_probs,
             **loss_terms,
