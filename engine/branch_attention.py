@@ -50,10 +50,10 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
 
 def supported(model) -> bool:
-    """An SDPA model without attention soft-capping or sliding windows (whose masks this does not apply)."""
-    config = model.config.get_text_config()
-    return (getattr(model.config, "_attn_implementation", None) in ("sdpa", NAME)
-            and not getattr(config, "attn_logit_softcapping", None) and not getattr(config, "sliding_window", None))
+    """An SDPA model (or one already switched to this) with plain full-attention layers."""
+    from engine.cascade import plain_sdpa
+
+    return plain_sdpa(model, also=(NAME,))
 
 
 def branch_attention(model):

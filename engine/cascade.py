@@ -99,14 +99,22 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     return out.to(query.dtype).reshape(r, 1, h, d), None
 
 
-def supported(model) -> bool:
-    """Whether the decode loop may switch `model` to this attention: SDPA, plain full-attention layers, no
-    attention soft-capping, KV heads that group the query heads."""
+def plain_sdpa(model, also: tuple[str, ...] = ()) -> bool:
+    """`model` attends through SDPA (or one of `also`, attention this project switched it to) with plain
+    full-attention layers: no attention soft-capping, no sliding window, whose masks a replacement would not
+    apply."""
     config = model.config.get_text_config()
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", *also):
         return False
-    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "sliding_window", None):
+    return not getattr(config, "attn_logit_softcapping", None) and not getattr(config, "sliding_window", None)
+
+
+def supported(model) -> bool:
+    """Whether the decode loop may switch `model` to this attention: `plain_sdpa`, and KV heads that group the
+    query heads."""
+    if not plain_sdpa(model):
         return False
+    config = model.config.get_text_config()
     heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     return bool(heads) and (kv or heads) and heads % (kv or heads) == 0
 

@@ -380,8 +380,8 @@ def activation_bytes_per_token(model) -> float:
     return config.num_hidden_layers * (16 * hidden + 4 * intermediate) * 4.0
 
 
-def _checkpointing(cfg: SFTConfig | TrainingConfig, dev: str, model=None, rows: int = 1) -> bool:
-    """`activation_checkpointing: auto`. On CUDA: on. On CPU: off where one micro-batch (`rows` sequences of
+def _checkpointing(cfg: SFTConfig | TrainingConfig, dev: str, model=None, sequences: int = 1) -> bool:
+    """`activation_checkpointing: auto`. On CUDA: on. On CPU: off where one micro-batch (`sequences` of
     max_length) keeps activations that fit in half the memory available now (`activation_bytes_per_token`),
     else on. It trades memory for time: on 2 CPU cores (SmolLM2-135M, fp32) one packed CIA pair took 15-16 s
     a step with it and 11-12.5 s without, peaking at 2.6 against 4.9 GB. Without the model to size: on for
@@ -394,8 +394,7 @@ def _checkpointing(cfg: SFTConfig | TrainingConfig, dev: str, model=None, rows: 
         return cfg.max_length > 1024
     import psutil
 
-    per_step = 1 if dev == "cpu" else cfg.batch_size  # CPU runs micro-batches of one example (`_trl_args`)
-    need = activation_bytes_per_token(model) * cfg.max_length * rows * per_step
+    need = activation_bytes_per_token(model) * cfg.max_length * sequences
     return need > psutil.virtual_memory().available / 2
 
 
@@ -410,15 +409,16 @@ def _trl_args(cfg: SFTConfig | TrainingConfig, *, scratch: Path, dev: str, preci
     """TRL config fields that SFTConfig and DPOConfig share, from our SFT or DPO config. `model` and `rows`
     (sequences per example: 2 for a DPO pair) size `activation_checkpointing: auto`."""
     batch_size, gradient_accumulation_steps = cfg.batch_size, cfg.gradient_accumulation_steps
+    # On CPU a batch runs as micro-batches of one example, accumulated to the same optimizer step: the cores are
+    # busy with one ~1,500-token sequence already, so batching buys no speed there, while it pads every example
+    # to the longest and holds all their activations at once (a batch of 4 CIA pairs: > 20 GB).
+    micro_batch = 1 if dev == "cpu" else batch_size
     return dict(
         output_dir=str(scratch),
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
-        # On CPU a batch runs as micro-batches of one example, accumulated to the same optimizer step: the
-        # cores are busy with one ~1,500-token sequence already, so batching buys no speed there, while it pads
-        # every example to the longest and holds all their activations at once (a batch of 4 CIA pairs: > 20 GB).
-        per_device_train_batch_size=1 if dev == "cpu" else batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps * (batch_size if dev == "cpu" else 1),
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=gradient_accumulation_steps * (batch_size // micro_batch),
         max_length=cfg.max_length,
         seed=cfg.seed,
         # TRL turns bf16 on unless told otherwise (even on CPU): always say which.
@@ -428,7 +428,7 @@ def _trl_args(cfg: SFTConfig | TrainingConfig, *, scratch: Path, dev: str, preci
         # TRL defaults to (gradient) checkpointing; where memory holds the activations it only costs time
         # (see `_checkpointing`).
         # transformers 5.24 renamed it `activation_checkpointing` and warns on the old name.
-        activation_checkpointing=_checkpointing(cfg, dev, model, rows),
+        activation_checkpointing=_checkpointing(cfg, dev, model, sequences=rows * micro_batch),
         trust_remote_code=False,
         report_to=list(report_to),  # training.report_to; tensorboard's dir is set by `_point_tensorboard`
         save_strategy="no",
