@@ -365,6 +365,12 @@ class EvaluationConfig(_Strict):
     baseline_n: int = Field(5, ge=2, le=64, description="Samples per item for self-consistency and best-of-n.")
     baseline_temperature: float = Field(1.0, gt=0.0, le=2.0)
     bootstrap: int = Field(1000, ge=0, le=100000, description="Bootstrap resamples for 95% intervals (0 = off).")
+    batch_size: int | None = Field(
+        None, ge=1, le=512,
+        description="Prompts per batch of the greedy evaluation (the judge, A/B and raw judgments); None = "
+        "sampling.batch_size. Its requests run sorted by length, so a larger batch pads little and its decode "
+        "steps' matrix products are less thin (bench/eval_batch.py: 16 vs 8 prompts 1.10x on 2 CPU cores).",
+    )
 
 
 class SFTConfig(_Strict):

@@ -732,10 +732,12 @@ class Runner:
                                 max_new_tokens=budget, repetition_penalty=s.repetition_penalty,
                                 force_score=bool(s.force_score))
 
-        def judge(purpose: str, requests, n: int, params: SamplingParams, seed: int) -> pl.DataFrame:
+        eval_batch = e.batch_size or s.batch_size  # the greedy evaluation's; the baselines' N samples: sampling's
+
+        def judge(purpose: str, requests, n: int, params: SamplingParams, seed: int, batch_size: int) -> pl.DataFrame:
             sample_and_store(
                 self.store, sampler, requests, run_id=self.run_id, iteration=k, purpose=purpose, n=n,
-                params=params, base_seed=seed, batch_size=s.batch_size,
+                params=params, base_seed=seed, batch_size=batch_size,
                 progress=lambda d, t: self._progress(k, "evaluate", d, t, dataset=name, method=purpose),
             )
             judgments = self.store.judgments(self.run_id, k, purpose)
@@ -749,21 +751,22 @@ class Runner:
             self.store.put_breakdowns(self.run_id, k, name, method, rows)
 
         if e.greedy and (not pairwise or "absolute" in e.pairwise_modes):
-            judgments = judge("eval", eval_requests(items), e.n, greedy, e.seed)
+            judgments = judge("eval", eval_requests(items), e.n, greedy, e.seed, eval_batch)
             for method, prefix in (("greedy", ""), ("expected", "expected/")):  # expected: same judgments
                 record(method, evaluate_judgments(items, judgments, method=method, bootstrap=e.bootstrap,
                                                   seed=e.seed), prefix)
         # What response length alone scores, beside every judge (no model involved, so every iteration).
         record("length-baseline", length_baseline(items, bootstrap=e.bootstrap, seed=e.seed), "length-baseline/")
         if pairwise and "relative" in e.pairwise_modes:
-            judgments = judge("relative", relative_requests(items), e.n, replace(greedy, mode="relative"), e.seed)
+            judgments = judge("relative", relative_requests(items), e.n, replace(greedy, mode="relative"), e.seed,
+                             eval_batch)
             record("relative", EvalResult(relative_metrics(items, judgments), relative_breakdown(items, judgments),
                                           None), "relative/")
         if k == 0 and "raw" in e.baselines and (not pairwise or "absolute" in e.pairwise_modes):
             # The model before the seed SFT, judged as the initial judge is (same requests, params and seed).
             raw_sampler = self.sampler(self.base_model())
             sample_and_store(self.store, raw_sampler, eval_requests(items), run_id=self.run_id, iteration=k,
-                             purpose="raw", n=e.n, params=greedy, base_seed=e.seed, batch_size=s.batch_size,
+                             purpose="raw", n=e.n, params=greedy, base_seed=e.seed, batch_size=eval_batch,
                              progress=lambda d, t: self._progress(k, "evaluate", d, t, dataset=name, method="raw"))
             raw = self.store.judgments(self.run_id, k, "raw")
             raw = raw.filter(pl.col("item_id").is_in(items["item_id"].implode()))
@@ -771,7 +774,7 @@ class Runner:
         if k == 0 and {"self-consistency", "best-of-n"} & set(e.baselines):
             sampled = SamplingParams(temperature=e.baseline_temperature, top_p=s.top_p, max_new_tokens=budget,
                                      repetition_penalty=s.repetition_penalty, force_score=bool(s.force_score))
-            judgments = judge("baseline", eval_requests(items), e.baseline_n, sampled, e.seed + 1)
+            judgments = judge("baseline", eval_requests(items), e.baseline_n, sampled, e.seed + 1, s.batch_size)
             if "self-consistency" in e.baselines:
                 for method in ("self-consistency-mean", "self-consistency-majority"):
                     record(method, evaluate_judgments(items, judgments, method=method, bootstrap=e.bootstrap,

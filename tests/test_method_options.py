@@ -138,6 +138,32 @@ def test_seed_baselines_are_recorded_as_method_metrics(demo_ws, tiny_model_dir):
     assert {"greedy", "self-consistency-mean", "self-consistency-majority"} <= methods
 
 
+def test_evaluation_batch_size_sets_the_greedy_evaluations_batches_only(demo_ws, tiny_model_dir):
+    """evaluation.batch_size: the greedy evaluation's prompts per generate call; the baselines' N samples keep
+    sampling.batch_size; the figures do not depend on it."""
+    calls = []
+
+    class Counting(FakeSampler):
+        def generate(self, prompts, n, params, seeds):
+            calls.append((n, len(prompts)))
+            return super().generate(prompts, n, params, seeds)
+
+    metrics = {}
+    for name, eval_batch in (("batched", 5), ("default", None)):
+        calls.clear()
+        w = Workspace.open(demo_ws)
+        cfg = config(tiny_model_dir, sampling={"n": 3, "max_new_tokens": 12, "batch_size": 2, "force_score": True},
+                     evaluation={"bootstrap": 0, "baselines": ["self-consistency"], "baseline_n": 3,
+                                 "batch_size": eval_batch})
+        rid = create_run(w, parse_run_config(cfg), name)
+        Runner(w, rid, sampler_factory=lambda p: Counting(ab_script(demo_ws)), echo=False).run_all()
+        metrics[name] = Store.in_workspace(demo_ws).run_status(rid)["iterations"][0]["metrics"]["demo"]
+        greedy = [size for n, size in calls if n == 1]
+        assert sum(greedy) == 10 and [size for n, size in calls if n == 3] == [2] * 5
+        assert greedy == ([5, 5] if eval_batch else [2] * 5)  # None: sampling.batch_size, as before
+    assert metrics["batched"] == metrics["default"]
+
+
 def test_best_of_n_keeps_the_sample_the_meta_judge_rates_highest(demo_ws, tiny_model_dir):
     import re
 
