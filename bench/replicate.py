@@ -96,12 +96,15 @@ PRESETS = {
     "full": {"sft_items": 128, "sft_epochs": 1.0, "sft_lr": 1e-4, "items_per_iteration": 64, "n": 4,
              "pairs_per_item": 2, "min_margin": 1, "dpo_lr": 1e-5, "max_new_tokens": 128, "cia_items": 150,
              "rb_items": 50, "eval_new_tokens": 96, "baseline_n": 5, "meta_new_tokens": 16, "max_length": 2048,
-             "bootstrap": 1000, "compare_bootstrap": 2000, "relative": True, "selection": "spread"},
+             "dpo_loss": "sigmoid", "bootstrap": 1000, "compare_bootstrap": 2000, "relative": True,
+             "selection": "spread"},
     "quick": {"sft_items": 2, "sft_epochs": 1.0, "sft_lr": 1e-4, "items_per_iteration": 1, "n": 4,
               "pairs_per_item": 1, "min_margin": 1, "dpo_lr": 1e-5, "max_new_tokens": 8, "cia_items": 2,
               "rb_items": 1, "eval_new_tokens": 8, "baseline_n": 2, "meta_new_tokens": 2, "max_length": 1024,
-              "bootstrap": 200, "compare_bootstrap": 200, "relative": True, "selection": "shortest"},
+              "dpo_loss": "sigmoid", "bootstrap": 200, "compare_bootstrap": 200, "relative": True,
+              "selection": "shortest"},
 }
+SIZE_CHOICES = {"dpo_loss": ("sigmoid", "sigmoid+sft")}  # engine.config.TrainingConfig.loss
 SIZE_HELP = {
     "sft_items": "seed SFT items (cia-sft)", "sft_epochs": "seed SFT epochs", "sft_lr": "seed SFT learning rate",
     "items_per_iteration": "fresh train items per iteration", "n": "judgments sampled per train item",
@@ -110,6 +113,7 @@ SIZE_HELP = {
     "cia_items": "held-out CIA items", "rb_items": "pairs per RewardBench set",
     "eval_new_tokens": "token budget of an evaluation judgment", "baseline_n": "N of self-consistency / best-of-N",
     "meta_new_tokens": "best-of-N meta-judge note budget", "max_length": "SFT / DPO sequence length",
+    "dpo_loss": "DPO loss: sigmoid, or sigmoid+sft (plus NLL on the chosen judgment)",
     "bootstrap": "bootstrap resamples of the stored 95%% intervals",
     "compare_bootstrap": "bootstrap resamples of the paired differences",
 }
@@ -120,7 +124,7 @@ SIZE_HELP = {
 FOLLOW_SIZES = {"items_per_iteration": ("train_items_per_iteration",), "n": ("sampling", "n"),
                 "pairs_per_item": ("curation", "max_pairs_per_item"), "min_margin": ("curation", "min_margin"),
                 "dpo_lr": ("training", "learning_rate"), "max_new_tokens": ("sampling", "max_new_tokens"),
-                "max_length": ("training", "max_length")}
+                "max_length": ("training", "max_length"), "dpo_loss": ("training", "loss")}
 
 
 class TooFew(ValueError):
@@ -284,7 +288,8 @@ def config(s: dict, model: str = "embedded") -> dict:
                      "meta_max_new_tokens": s["meta_new_tokens"]},
         # 2 pairs x 2 accumulation steps: 4 pairs of ~1,700-token judgments at once need >20 GB on CPU
         # (full-vocabulary logits over the prompt too); 2 at a time stay under ~10 GB.
-        "training": {"beta": 0.1, "learning_rate": s["dpo_lr"], "epochs": 1, "batch_size": 2,
+        "training": {"beta": 0.1, "learning_rate": s["dpo_lr"], "loss": s.get("dpo_loss", "sigmoid"),
+                     "epochs": 1, "batch_size": 2,
                      "gradient_accumulation_steps": 2, "max_length": s["max_length"], "reference": "previous"},
         "evaluation": {"n": 1, "temperature": 0.0, "max_new_tokens": s["eval_new_tokens"],
                        "pairwise_modes": ["absolute", "relative"] if s["relative"] else ["absolute"],
@@ -1144,7 +1149,8 @@ def sizes_line(s: dict, setup: dict) -> str:
     return (f"Seed SFT: {s['sft_items']} CIA items (cia-sft) x {s['sft_epochs']:g} epoch(s), lr {s['sft_lr']:g}. "
             f"Iterations: 2 x {s['items_per_iteration']} fresh items (cia-train, no prompt shared with the SFT items) "
             f"x {s['n']} judgments ({s['max_new_tokens']} tokens), gold curation (margin {s['min_margin']}, up to "
-            f"{s['pairs_per_item']} pairs per item), DPO lr {s['dpo_lr']:g}, reference = previous judge. "
+            f"{s['pairs_per_item']} pairs per item), DPO ({s.get('dpo_loss', 'sigmoid')}) lr {s['dpo_lr']:g}, "
+            "reference = previous judge. "
             f"Evaluation, greedy, {s['eval_new_tokens']} tokens: held-out CIA BiGGen {s['cia_items']} items "
             f"({dropped('cia-heldout')}), RewardBench Chat and Chat_Hard {s['rb_items']} pairs each "
             f"({dropped('rb-chat')}; {dropped('rb-chat-hard')}), each side scored (abs)"
@@ -1302,7 +1308,7 @@ def add_size_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
     for key, value in PRESETS["full"].items():
         if key in ("selection", "relative", *skip):
             continue
-        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
+        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None, choices=SIZE_CHOICES.get(key),
                        help=f"{SIZE_HELP[key]} (full {value}, quick {PRESETS['quick'][key]})")
     p.add_argument("--no-relative", action="store_true", help="Skip the A/B mode on RewardBench.")
 

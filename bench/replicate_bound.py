@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS, help="generated tokens per sampled judgment")
     p.add_argument("--gflops", type=float, help="the rate to divide by (default: measured here)")
     p.add_argument("--out", type=Path, help="also write the table to this markdown file")
-    add_size_flags(p, skip=("bootstrap", "compare_bootstrap"))
+    add_size_flags(p, skip=("bootstrap", "compare_bootstrap", "dpo_loss"))
     a = p.parse_args(argv)
     s, _given = sizes_of(a, "full")
 

@@ -280,6 +280,12 @@ def test_follow_up_changes_one_size_from_the_same_seed_and_is_reported_beside_th
         assert cfg[section] == first[section], section
     assert {k: v for k, v in cfg["training"].items() if k != "learning_rate"} == \
         {k: v for k, v in first["training"].items() if k != "learning_rate"}
+    # the follow-up the diagnostics point to next: DPO plus NLL on the chosen judgment, nothing else changed
+    loss = rep.follow_up_config(store, {"dpo_loss": "sigmoid+sft"}, 2).model_dump(mode="json")
+    assert first["training"]["loss"] == "sigmoid" and loss["training"]["loss"] == "sigmoid+sft"
+    assert {k: v for k, v in loss["training"].items() if k != "loss"} == \
+        {k: v for k, v in first["training"].items() if k != "loss"}
+    assert rep.follow_up_label({"dpo_loss": "sigmoid+sft"}) == "dpo_loss sigmoid+sft"
 
     # its trainings stand in (no model is trained here), as in `built`; main() writes the setup and runs it
     create_run(copy_ws, rep.follow_up_config(store, {"dpo_lr": 1e-4}, 2), rep.FOLLOW)
