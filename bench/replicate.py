@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from engine.config import parse_run_config  # noqa: E402
+from engine.config import TrainingConfig, parse_run_config  # noqa: E402
 from engine.importers import read_items  # noqa: E402
 from engine.prompts import absolute_messages  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
@@ -104,7 +105,7 @@ PRESETS = {
               "dpo_loss": "sigmoid", "bootstrap": 200, "compare_bootstrap": 200, "relative": True,
               "selection": "shortest"},
 }
-SIZE_CHOICES = {"dpo_loss": ("sigmoid", "sigmoid+sft")}  # engine.config.TrainingConfig.loss
+SIZE_CHOICES = {"dpo_loss": get_args(TrainingConfig.model_fields["loss"].annotation)}  # the losses train_dpo takes
 SIZE_HELP = {
     "sft_items": "seed SFT items (cia-sft)", "sft_epochs": "seed SFT epochs", "sft_lr": "seed SFT learning rate",
     "items_per_iteration": "fresh train items per iteration", "n": "judgments sampled per train item",
